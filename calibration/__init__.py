@@ -1,0 +1,1 @@
+"""INT8 calibration (frames -> scales, Q/DQ graphs, accuracy reports)."""

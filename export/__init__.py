@@ -1,0 +1,1 @@
+"""Checkpoint loading, the torch reference model and ONNX export (needs the `export` extra)."""

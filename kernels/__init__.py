@@ -1,0 +1,1 @@
+"""Fused CUDA kernels, their launchers and numpy references."""

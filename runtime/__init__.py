@@ -1,0 +1,1 @@
+"""Molmo runtime: config, tokenizer, preprocessing, bundles, backends and the CLI. Never imports torch."""
