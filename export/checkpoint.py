@@ -1,0 +1,151 @@
+"""Find and read a Hugging Face Molmo checkpoint: a local folder or a hub id; safetensors (single or
+sharded with an index) or `pytorch_model.bin` (single or sharded), memory-mapped and read lazily so
+that a model larger than RAM can be streamed tensor by tensor."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from molmo_edge.runtime.config import MolmoConfig, load_config
+from molmo_edge.runtime.weights import hf_weight_shapes
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be found, read, or does not match its config."""
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as is; otherwise a hub id, fetched through the local HF cache (download only when online)."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise CheckpointError(f"{model} is a file; pass the checkpoint folder that holds config.json")
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise CheckpointError(f"{model} is neither a folder nor a Hugging Face hub id like allenai/MolmoE-1B-0924")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{model} is not a local folder and huggingface_hub is not installed: "
+                              "`pip install huggingface_hub`, or download the checkpoint elsewhere and pass its folder") from None
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except Exception:  # not cached: try the network
+        pass
+    try:
+        return snapshot_download(model)
+    except Exception as e:
+        raise CheckpointError(f"cannot download {model} ({type(e).__name__}); this machine looks offline: run "
+                              f"`huggingface-cli download {model} --local-dir DIR` on a connected machine and pass DIR") from None
+
+
+class WeightSource(Mapping):
+    """name -> torch tensor, read on access from the checkpoint's files (never all at once)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._where: dict[str, str] = {}
+        self._open: dict[str, object] = {}
+        files = os.listdir(folder)
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if index in files:
+                with open(os.path.join(folder, index), encoding="utf-8") as f:
+                    self._where = dict(json.load(f)["weight_map"])
+                missing = sorted({s for s in self._where.values() if not os.path.exists(os.path.join(folder, s))})
+                if missing:
+                    raise CheckpointError(f"{index} names shards that are not in {folder}: {', '.join(missing)}; "
+                                          "finish the download")
+                break
+        else:
+            for single in ("model.safetensors", "pytorch_model.bin"):
+                if single in files:
+                    self._where = {k: single for k in self._keys_of(single)}
+                    break
+            else:
+                raise CheckpointError(f"no weights in {folder}: expected model.safetensors, a sharded "
+                                      "model.safetensors.index.json, or pytorch_model.bin")
+
+    def _handle(self, shard: str):
+        if shard not in self._open:
+            path = os.path.join(self.folder, shard)
+            try:
+                if shard.endswith(".safetensors"):
+                    from safetensors import safe_open
+                    self._open[shard] = safe_open(path, framework="pt")
+                else:
+                    self._open[shard] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0][:200]}); "
+                                      "the file is truncated or corrupt: re-download it") from None
+        return self._open[shard]
+
+    def _keys_of(self, shard: str) -> list[str]:
+        h = self._handle(shard)
+        return list(h.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shard = self._where[name]
+        h = self._handle(shard)
+        t = h.get_tensor(name) if shard.endswith(".safetensors") else h[name]
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shard = self._where[name]
+        h = self._handle(shard)
+        if shard.endswith(".safetensors"):
+            return tuple(h.get_slice(name).get_shape())
+        return tuple(h[name].shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.folder, s)) for s in set(self._where.values()))
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" … (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_weights(source: WeightSource, cfg: MolmoConfig) -> None:
+    """One error that lists every missing, unexpected and mis-shaped tensor."""
+    want = hf_weight_shapes(cfg)
+    have = set(source)
+    missing = sorted(set(want) - have)
+    unexpected = sorted(have - set(want))
+    wrong = [f"{n} {list(source.shape(n))} (config says {list(want[n])})"
+             for n in sorted(set(want) & have) if source.shape(n) != want[n]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} mis-shaped: {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"weights in {source.folder} do not match its config.json ({cfg.family}, "
+                              f"d_model {cfg.d_model}, {cfg.n_layers} layers): " + "; ".join(problems)
+                              + ". Is config.json from the same checkpoint?")
+
+
+def open_checkpoint(model: str) -> tuple[str, MolmoConfig, WeightSource]:
+    """Resolve, read the config and check every tensor's name and shape."""
+    folder = resolve_model(model)
+    cfg = load_config(folder)
+    source = WeightSource(folder)
+    check_weights(source, cfg)
+    return folder, cfg, source
+
+
+def load_reference_model(model: str, dtype: torch.dtype = torch.float32):
+    """(torch reference model, config, folder) for a checkpoint folder or hub id."""
+    from .model import build_model
+
+    folder, cfg, source = open_checkpoint(model)
+    return build_model(cfg, source, dtype), cfg, folder

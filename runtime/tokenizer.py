@@ -1,0 +1,95 @@
+"""The checkpoint's tokenizer (via the `tokenizers` package) plus Molmo's prompt format.
+
+Molmo applies no chat template: a turn is `" User: {prompt} Assistant:"` (leading space, role
+format), earlier answers end with EOS, and the sequence starts with BOS (= EOS for OLMo and
+Qwen2 tokenizers, which have no BOS). Image special tokens follow the text vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+from .config import IMAGE_TOKENS, MolmoConfig
+
+
+class TokenizerError(ValueError):
+    """The tokenizer files are missing or do not fit the model."""
+
+
+def _special_name(entry) -> str | None:
+    if isinstance(entry, dict):
+        return entry.get("content")
+    return entry
+
+
+class MolmoTokenizer:
+    def __init__(self, folder: str, cfg: MolmoConfig):
+        from tokenizers import Tokenizer
+
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.exists(path):
+            raise TokenizerError(f"no tokenizer.json in {folder}: copy the checkpoint's tokenizer.json "
+                                 "(and tokenizer_config.json) into it, or re-export the bundle")
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust error text is long; keep its first line
+            raise TokenizerError(f"{path} cannot be read ({str(e).splitlines()[0]}); re-download it") from None
+        self.cfg = cfg
+        meta: dict = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = os.path.join(folder, name)
+            if os.path.exists(p):
+                with open(p, encoding="utf-8") as f:
+                    meta.update({k: v for k, v in json.load(f).items() if v is not None})
+        # Image tokens: the tokenizer's own ids when it has them, else the config's rule (right after the vocab).
+        rule = cfg.image_token_ids()
+        self.image_token_ids = {name: self._tok.token_to_id(name) if self._tok.token_to_id(name) is not None else rule[name]
+                                for name in IMAGE_TOKENS}
+        eos_name = _special_name(meta.get("eos_token")) or "<|endoftext|>"
+        eos = self._tok.token_to_id(eos_name)
+        if eos is None:
+            eos = cfg.eos_token_id
+        if eos is None:
+            raise TokenizerError(f"cannot find the EOS token {eos_name!r} in {path}; is this the checkpoint's tokenizer?")
+        self.eos_id = int(eos)
+        bos_name = _special_name(meta.get("bos_token"))
+        bos = self._tok.token_to_id(bos_name) if bos_name else None
+        self.bos_id = int(bos) if bos is not None else self.eos_id  # HF: bos_token_id or eos_token_id
+        specials = {int(k) for k, v in meta.get("added_tokens_decoder", {}).items() if v.get("special")}
+        self._skip = specials | set(self.image_token_ids.values()) | {self.eos_id, self.bos_id}
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    # --- text <-> ids ------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._skip and 0 <= i < self.vocab_size]
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id)) or ""
+
+    # --- prompts -------------------------------------------------------------------------------
+    def format_prompt(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """`" User: q1 Assistant: a1<eos> User: q2 Assistant:"` (history = earlier (question, answer) turns)."""
+        pre = self.cfg.preprocess
+        if pre.message_format not in ("role", "none", None):
+            raise TokenizerError(f"message_format {pre.message_format!r} is not supported (use 'role' or 'none')")
+        role = pre.message_format == "role"
+        eos_text = self.token_text(self.eos_id)
+        parts = []
+        for q, a in history:
+            parts.append((f"User: {q} Assistant: {a}" if role else f"{q} {a}") + eos_text)
+        parts.append(f"User: {prompt} Assistant:" if role else prompt)
+        text = " ".join(parts) if role else "".join(parts)
+        if pre.always_start_with_space:
+            text = " " + text
+        return text
+
+    def encode_prompt(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Token ids of the formatted prompt, without BOS (the processor prepends it)."""
+        return self.encode(self.format_prompt(prompt, history))
