@@ -10,35 +10,8 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from molmo_edge.runtime.config import MolmoConfig, load_config
+from molmo_edge.runtime.source import CheckpointError, resolve_model  # noqa: F401 (re-exported)
 from molmo_edge.runtime.weights import hf_weight_shapes
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be found, read, or does not match its config."""
-
-
-def resolve_model(model: str) -> str:
-    """A local folder as is; otherwise a hub id, fetched through the local HF cache (download only when online)."""
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model):
-        raise CheckpointError(f"{model} is a file; pass the checkpoint folder that holds config.json")
-    if model.count("/") != 1 or model.startswith((".", "/")):
-        raise CheckpointError(f"{model} is neither a folder nor a Hugging Face hub id like allenai/MolmoE-1B-0924")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{model} is not a local folder and huggingface_hub is not installed: "
-                              "`pip install huggingface_hub`, or download the checkpoint elsewhere and pass its folder") from None
-    try:
-        return snapshot_download(model, local_files_only=True)
-    except Exception:  # not cached: try the network
-        pass
-    try:
-        return snapshot_download(model)
-    except Exception as e:
-        raise CheckpointError(f"cannot download {model} ({type(e).__name__}); this machine looks offline: run "
-                              f"`huggingface-cli download {model} --local-dir DIR` on a connected machine and pass DIR") from None
 
 
 class WeightSource(Mapping):

@@ -375,4 +375,4 @@ def build_model(cfg: MolmoConfig, tensors, dtype: torch.dtype = torch.float32) -
             t = tensors[theirs].to(dtype)
         state[ours] = t
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.eval().requires_grad_(False)

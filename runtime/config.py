@@ -12,12 +12,14 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .errors import MolmoEdgeError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 
 
-class ConfigError(ValueError):
+class ConfigError(MolmoEdgeError):
     """A checkpoint's config.json cannot describe a Molmo model."""
 
 
@@ -238,6 +240,8 @@ def config_from_hf(cfg: dict[str, Any], preprocessor: dict[str, Any] | None = No
                               "is this a Molmo checkpoint folder?")
     except KeyError as e:
         raise ConfigError(f"config.json is missing the key {e.args[0]!r}; re-download the checkpoint's config.json") from None
+    except TypeError as e:
+        raise ConfigError(f"config.json has a null or non-numeric size ({e}); re-download the checkpoint's config.json") from None
     if cfg.get("layer_norm_type", "rms") != "rms":
         raise ConfigError(f"layer_norm_type={cfg['layer_norm_type']!r} is not supported (Molmo uses 'rms')")
     if c.n_heads % c.n_kv_heads:

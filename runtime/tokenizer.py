@@ -11,9 +11,10 @@ import os
 from typing import Iterable, Sequence
 
 from .config import IMAGE_TOKENS, MolmoConfig
+from .errors import MolmoEdgeError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MolmoEdgeError):
     """The tokenizer files are missing or do not fit the model."""
 
 

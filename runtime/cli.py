@@ -1,0 +1,204 @@
+"""`molmo-edge`: run Molmo vision-language models offline.
+
+Heavy modules (torch, onnxruntime) are imported inside the command that needs them, so
+`molmo-edge --help` and `preprocess` start fast and never load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import MolmoEdgeError
+
+EPILOG = """\
+examples:
+  molmo-edge preprocess allenai/MolmoE-1B-0924 --image cat.jpg --prompt "Point to the cat" -o inputs.npz
+  molmo-edge forward ./MolmoE-1B-0924 --inputs inputs.npz -o logits.npz
+  molmo-edge ask ./MolmoE-1B-0924 --image cat.jpg "How many cats are there?" --json
+
+MODEL is a Hugging Face checkpoint folder (config.json, tokenizer.json, weights) or a hub id
+(downloaded only when online; offline, download it elsewhere and pass the folder).
+"""
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _model_folder(model: str) -> str:
+    from .source import resolve_model
+    return resolve_model(model)
+
+
+def _processor(folder: str):
+    from .processor import MolmoProcessor
+    return MolmoProcessor(folder)
+
+
+def _load_inputs(path: str) -> dict[str, Any]:
+    import numpy as np
+    if not os.path.exists(path):
+        raise MolmoEdgeError(f"{path} does not exist; make it with `molmo-edge preprocess MODEL --prompt TEXT -o {path}`")
+    try:
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise MolmoEdgeError(f"{path} is not a readable .npz ({type(e).__name__}); re-create it with `molmo-edge preprocess`") from None
+    if "input_ids" not in data:
+        raise MolmoEdgeError(f"{path} has no `input_ids`; it must come from `molmo-edge preprocess` (HF processor names)")
+    if "images" in data and not {"image_input_idx", "image_masks"} <= set(data):
+        raise MolmoEdgeError(f"{path} has `images` but lacks `image_input_idx`/`image_masks`; re-create it with `molmo-edge preprocess`")
+    return data
+
+
+def _torch_model(folder: str):
+    try:
+        from molmo_edge.export.checkpoint import load_reference_model
+    except ImportError as e:
+        raise MolmoEdgeError(f"the torch backend needs the export extra ({e.name} is missing): "
+                             "pip install 'molmo-edge[export]'") from None
+    t0 = time.perf_counter()
+    _progress(f"loading {folder} (torch reference, float32) ...")
+    model, cfg, _ = load_reference_model(folder)
+    _progress(f"loaded in {time.perf_counter() - t0:.1f} s")
+    return model, cfg
+
+
+def cmd_preprocess(a: argparse.Namespace) -> int:
+    proc = _processor(_model_folder(a.model))
+    out = proc.process(a.prompt, a.image, max_crops=a.max_crops)
+    _save_npz(a.output, out)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items())
+    _progress(f"wrote {a.output}: {shapes}")
+    return 0
+
+
+def _save_npz(path: str, arrays: dict[str, Any]) -> None:
+    """Write atomically: a crash never leaves a half-written file under the final name."""
+    import numpy as np
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".partial.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def cmd_forward(a: argparse.Namespace) -> int:
+    import numpy as np
+    data = _load_inputs(a.inputs)
+    folder = _model_folder(a.model)
+    if a.backend != "torch":
+        raise MolmoEdgeError(f"backend {a.backend!r} is not available for {folder}; use --backend torch")
+    import torch
+    model, _ = _torch_model(folder)
+    kw = {}
+    if "images" in data:
+        kw = {k: torch.from_numpy(np.asarray(data[k])) for k in ("images", "image_masks", "image_input_idx")}
+    with torch.no_grad():
+        out = model(torch.from_numpy(data["input_ids"].astype(np.int64)), **kw)
+    res = {"logits": out.logits[0].float().numpy()}
+    if out.image_features is not None:
+        res["image_features"] = out.image_features[0].float().numpy()
+    _save_npz(a.output, res)
+    _progress(f"wrote {a.output}: logits {list(res['logits'].shape)}")
+    return 0
+
+
+def cmd_ask(a: argparse.Namespace) -> int:
+    import numpy as np
+    folder = _model_folder(a.model)
+    proc = _processor(folder)
+    prompts = ([a.prompt] if a.prompt else []) + (a.prompts or [])
+    if not prompts:
+        raise MolmoEdgeError("no question given: molmo-edge ask MODEL [--image IMG] \"What is in the picture?\"")
+    if a.backend != "torch":
+        raise MolmoEdgeError(f"backend {a.backend!r} is not available for {folder}; use --backend torch")
+    import torch
+    model, cfg = _torch_model(folder)
+    t0 = time.perf_counter()
+    crops = proc.image(a.image, max_crops=a.max_crops) if a.image else None
+    t_pre = time.perf_counter() - t0
+    for prompt in prompts:
+        inputs = proc.process(prompt, crops=crops)
+        kw = {}
+        if crops is not None:
+            kw = {k: torch.from_numpy(inputs[k]) for k in ("images", "image_masks", "image_input_idx")}
+        t1 = time.perf_counter()
+        tokens = model.generate(torch.from_numpy(inputs["input_ids"].astype(np.int64)), max_new_tokens=a.max_new_tokens,
+                                eos_token_id=proc.tokenizer.eos_id, **kw)
+        t_gen = time.perf_counter() - t1
+        text = proc.tokenizer.decode(tokens).strip()
+        if a.json:
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens,
+                              "prompt_tokens": int(inputs["input_ids"].shape[0]), "backend": "torch",
+                              "timings": {"preprocess_ms": round(t_pre * 1e3, 2), "generate_ms": round(t_gen * 1e3, 2)}}))
+        else:
+            print(text if len(prompts) == 1 else f"Q: {prompt}\nA: {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="molmo-edge", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("preprocess", help="turn a prompt (and image) into model inputs (.npz, HF processor names)",
+                       description="Run Molmo's processor: tokenize the prompt, tile and normalise the image, and write "
+                                   "input_ids, images, image_input_idx and image_masks exactly as AI2's HF processor does.")
+    s.add_argument("model", metavar="MODEL", help="checkpoint folder, hub id, or bundle folder")
+    s.add_argument("--image", help="image file (jpg/png/...); omit for a text-only prompt")
+    s.add_argument("--prompt", required=True, help="the user's question, e.g. \"Point to the red cup\"")
+    s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (default: the model's, 12)")
+    s.add_argument("-o", "--output", required=True, help="where to write the .npz")
+    s.set_defaults(fn=cmd_preprocess)
+
+    s = sub.add_parser("forward", help="run the model on a preprocessed .npz and write the logits",
+                       description="One forward pass over every position; writes `logits` [T, V] float32 and, when the "
+                                   "inputs have an image, `image_features` [crops, 144, d].")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--inputs", required=True, help=".npz from `molmo-edge preprocess`")
+    s.add_argument("-o", "--output", required=True, help="where to write the .npz of logits")
+    s.add_argument("--backend", default="torch", choices=["torch"], help="torch: the float32 reference model")
+    s.set_defaults(fn=cmd_forward)
+
+    s = sub.add_parser("ask", help="ask a question (about an image) and print the answer",
+                       description="Greedy generation with a KV cache, stopping at EOS. With --json prints one JSON object "
+                                   "per question with `text` and `token_ids`.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("prompt", nargs="?", help="the question")
+    s.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                   help="another question about the same image (repeatable; the image is preprocessed once)")
+    s.add_argument("--image", help="image file; omit for a text-only question")
+    s.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
+    s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (fewer = faster)")
+    s.add_argument("--backend", default="torch", choices=["torch"], help="torch: the float32 reference model")
+    s.add_argument("--json", action="store_true", help="print one JSON object per question (text, token_ids, timings)")
+    s.set_defaults(fn=cmd_ask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "fn", None):
+        parser.print_help()
+        return 0
+    if getattr(a, "max_crops", None) is not None and not 1 <= a.max_crops <= 64:
+        parser.error(f"--max-crops must be between 1 and 64 (got {a.max_crops})")
+    if getattr(a, "max_new_tokens", 1) < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    try:
+        return a.fn(a)
+    except MolmoEdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Shared fixtures: where the golden reference lives, and tiny random checkpoints of every family."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("MOLMO_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+def golden_or_skip() -> Path:
+    if not (GOLDEN / "molmoe-tiny" / "model.safetensors").exists():
+        pytest.skip(f"golden reference outputs not found at {GOLDEN} (set MOLMO_GOLDEN to the shared/golden folder)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    return golden_or_skip()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """family -> folder of a tiny random checkpoint in that family's real HF layout."""
+    pytest.importorskip("torch")
+    from molmo_edge.export.synthetic import FAMILIES, make_random_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {fam: make_random_checkpoint(str(root / fam), fam, seed=i) for i, fam in enumerate(FAMILIES)}
