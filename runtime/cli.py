@@ -19,9 +19,12 @@ examples:
   molmo-edge preprocess allenai/MolmoE-1B-0924 --image cat.jpg --prompt "Point to the cat" -o inputs.npz
   molmo-edge forward ./MolmoE-1B-0924 --inputs inputs.npz -o logits.npz
   molmo-edge ask ./MolmoE-1B-0924 --image cat.jpg "How many cats are there?" --json
+  molmo-edge export ./MolmoE-1B-0924 -o molmoe-bundle
+  molmo-edge ask molmoe-bundle --image cat.jpg --prompt "Point to the cat" --prompt "Count the cats" --overlay out.jpg
 
-MODEL is a Hugging Face checkpoint folder (config.json, tokenizer.json, weights) or a hub id
-(downloaded only when online; offline, download it elsewhere and pass the folder).
+MODEL is a Hugging Face checkpoint folder (config.json, tokenizer.json, weights), a hub id
+(downloaded only when online; offline, download it elsewhere and pass the folder), or a bundle
+folder made by `molmo-edge export` (runs on onnxruntime, no torch needed).
 """
 
 
@@ -53,6 +56,29 @@ def _load_inputs(path: str) -> dict[str, Any]:
     if "images" in data and not {"image_input_idx", "image_masks"} <= set(data):
         raise MolmoEdgeError(f"{path} has `images` but lacks `image_input_idx`/`image_masks`; re-create it with `molmo-edge preprocess`")
     return data
+
+
+def _backend_for(folder: str, backend: str | None) -> str:
+    """torch for checkpoints, onnxruntime for bundles, unless told otherwise (and it makes sense)."""
+    from .bundle import is_bundle
+    bundle = is_bundle(folder)
+    backend = backend or ("onnxruntime" if bundle else "torch")
+    if bundle and backend == "torch":
+        raise MolmoEdgeError(f"{folder} is a bundle; the torch backend needs the checkpoint folder it was exported from "
+                             "(or use --backend onnxruntime)")
+    if not bundle and backend != "torch":
+        raise MolmoEdgeError(f"{folder} is a checkpoint; --backend {backend} needs a bundle: run "
+                             f"`molmo-edge export {folder} -o BUNDLE` first")
+    return backend
+
+
+def _runtime(folder: str, backend: str):
+    from .session import Molmo
+    t0 = time.perf_counter()
+    _progress(f"loading bundle {folder} ({backend}) ...")
+    m = Molmo.load(folder, backend)
+    _progress(f"loaded in {time.perf_counter() - t0:.1f} s")
+    return m
 
 
 def _torch_model(folder: str):
@@ -90,8 +116,11 @@ def cmd_forward(a: argparse.Namespace) -> int:
     import numpy as np
     data = _load_inputs(a.inputs)
     folder = _model_folder(a.model)
-    if a.backend != "torch":
-        raise MolmoEdgeError(f"backend {a.backend!r} is not available for {folder}; use --backend torch")
+    if _backend_for(folder, a.backend) != "torch":
+        res = _runtime(folder, a.backend or "onnxruntime").forward(data)
+        _save_npz(a.output, res)
+        _progress(f"wrote {a.output}: logits {list(res['logits'].shape)}")
+        return 0
     import torch
     model, _ = _torch_model(folder)
     kw = {}
@@ -108,15 +137,46 @@ def cmd_forward(a: argparse.Namespace) -> int:
 
 
 def cmd_ask(a: argparse.Namespace) -> int:
-    import numpy as np
     folder = _model_folder(a.model)
-    proc = _processor(folder)
     prompts = ([a.prompt] if a.prompt else []) + (a.prompts or [])
     if not prompts:
         raise MolmoEdgeError("no question given: molmo-edge ask MODEL [--image IMG] \"What is in the picture?\"")
-    if a.backend != "torch":
-        raise MolmoEdgeError(f"backend {a.backend!r} is not available for {folder}; use --backend torch")
+    backend = _backend_for(folder, a.backend)
+    if backend == "torch":
+        return _ask_torch(a, folder, prompts)
+    from .preprocess import load_image
+    m = _runtime(folder, backend)
+    rgb = load_image(a.image) if a.image else None
+    stream = a.stream and not a.json
+    last = None
+    for prompt in prompts:
+        if len(prompts) > 1 and not a.json:
+            print(f"Q: {prompt}\nA: ", end="", flush=True)
+        on_text = (lambda piece: print(piece, end="", flush=True)) if stream else None
+        ans = m.ask(prompt, rgb, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                    stop=a.stop or (), max_crops=a.max_crops, on_text=on_text)
+        last = ans
+        if a.json:
+            d = ans.to_dict()
+            d["backend"] = backend
+            print(json.dumps(d))
+        elif stream:
+            print()
+        else:
+            print(ans.text)
+    if a.overlay:
+        if rgb is None:
+            raise MolmoEdgeError("--overlay needs --image: there is nothing to draw on")
+        from .overlay import save_overlay
+        save_overlay(a.overlay, rgb, last.points, last.text)
+        _progress(f"wrote {a.overlay} ({len(last.points)} points)")
+    return 0
+
+
+def _ask_torch(a: argparse.Namespace, folder: str, prompts: list[str]) -> int:
+    import numpy as np
     import torch
+    proc = _processor(folder)
     model, cfg = _torch_model(folder)
     t0 = time.perf_counter()
     crops = proc.image(a.image, max_crops=a.max_crops) if a.image else None
@@ -134,9 +194,19 @@ def cmd_ask(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens,
                               "prompt_tokens": int(inputs["input_ids"].shape[0]), "backend": "torch",
-                              "timings": {"preprocess_ms": round(t_pre * 1e3, 2), "generate_ms": round(t_gen * 1e3, 2)}}))
+                              "timings": {"preprocess": round(t_pre * 1e3, 2), "generate": round(t_gen * 1e3, 2)}}))
         else:
             print(text if len(prompts) == 1 else f"Q: {prompt}\nA: {text}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    try:
+        from molmo_edge.export.bundle import export_bundle
+    except ImportError as e:
+        raise MolmoEdgeError(f"export needs the export extra ({e.name} is missing): pip install 'molmo-edge[export]'") from None
+    export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force)
+    print(os.path.abspath(a.output))
     return 0
 
 
@@ -161,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--inputs", required=True, help=".npz from `molmo-edge preprocess`")
     s.add_argument("-o", "--output", required=True, help="where to write the .npz of logits")
-    s.add_argument("--backend", default="torch", choices=["torch"], help="torch: the float32 reference model")
+    s.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
+                   help="torch (checkpoints, the float32 reference) or onnxruntime (bundles); default: by MODEL")
     s.set_defaults(fn=cmd_forward)
 
     s = sub.add_parser("ask", help="ask a question (about an image) and print the answer",
@@ -174,9 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="image file; omit for a text-only question")
     s.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
     s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (fewer = faster)")
-    s.add_argument("--backend", default="torch", choices=["torch"], help="torch: the float32 reference model")
-    s.add_argument("--json", action="store_true", help="print one JSON object per question (text, token_ids, timings)")
+    s.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
+                   help="torch (checkpoints) or onnxruntime (bundles); default: by MODEL")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    s.add_argument("--stop", action="append", metavar="TEXT", help="stop when the answer contains TEXT (repeatable)")
+    s.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    s.add_argument("--overlay", metavar="OUT.jpg", help="draw the answer's points on the image and save it")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON object per question: text, token_ids, points, count, timings (ms)")
     s.set_defaults(fn=cmd_ask)
+
+    s = sub.add_parser("export", help="turn a checkpoint into a bundle (ONNX graphs, tokenizer, embeddings, manifest)",
+                       description="Stream a Hugging Face Molmo checkpoint into a bundle: vision.onnx (ViT + connector), "
+                                   "decoder.onnx (LLM with KV cache), embeddings.npy, tokenizer, manifest.json. The bundle "
+                                   "is checked against the torch model before it is put in place.")
+    s.add_argument("model", metavar="MODEL", help="checkpoint folder or hub id")
+    s.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to create")
+    s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weight storage (fp16 halves the size; compute stays fp32)")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (TensorRT 10.3 parses <= 20; default 18)")
+    s.add_argument("--max-crops", type=int, default=None, help="default crops per image for this bundle")
+    s.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-torch self-check (not recommended)")
+    s.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
+    s.set_defaults(fn=cmd_export)
     return p
 
 

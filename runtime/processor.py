@@ -12,7 +12,10 @@ from .tokenizer import MolmoTokenizer
 
 class MolmoProcessor:
     def __init__(self, folder: str, cfg: MolmoConfig | None = None):
-        self.cfg = cfg or load_config(folder)
+        if cfg is None:
+            from .bundle import is_bundle, load_bundle
+            cfg = load_bundle(folder).config if is_bundle(folder) else load_config(folder)
+        self.cfg = cfg
         self.tokenizer = MolmoTokenizer(folder, self.cfg)
 
     def image(self, image: Any, *, max_crops: int | None = None, bgr: bool = False) -> ImageCrops:

@@ -1,0 +1,204 @@
+"""`molmo-edge export`: checkpoint -> bundle (manifest, tokenizer, embeddings, vision + decoder ONNX).
+
+Weights are streamed from the checkpoint one tensor at a time into the graphs' external-data
+files, so peak memory stays near the largest single tensor plus the embedding table, not the
+model size. Everything is written into a temporary sibling folder that is renamed into place only
+after the self-check passes: an interrupted or failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from molmo_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
+from molmo_edge.runtime.config import IMAGE_TOKENS
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.weights import parameter_count
+
+from .checkpoint import open_checkpoint
+from .graph import GraphBuilder
+from .onnx_graphs import build_decoder, build_vision
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+REFERENCE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
+MAX_OPSET_TRT_10_3 = 20
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for pkg, key in (("molmo-edge", "molmo_edge"), ("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
+                     ("numpy", "numpy")):
+        try:
+            out[key] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _io(model) -> tuple[list, list]:
+    def desc(v):
+        dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        return {"name": v.name, "shape": dims, "dtype": {1: "float32", 7: "int64", 10: "float16"}[v.type.tensor_type.elem_type]}
+    return [desc(v) for v in model.graph.input], [desc(v) for v in model.graph.output]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
+                  check: bool = True, force: bool = False, progress: Callable[[str], None] = _say) -> dict:
+    """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest."""
+    if not 17 <= opset <= MAX_OPSET_TRT_10_3:
+        raise MolmoEdgeError(f"--opset {opset} is outside 17..{MAX_OPSET_TRT_10_3} (LayerNormalization needs 17; "
+                             f"TensorRT 10.3 on JetPack 6 parses up to {MAX_OPSET_TRT_10_3})")
+    if dtype not in ("fp32", "fp16"):
+        raise MolmoEdgeError(f"--dtype {dtype} is not supported; use fp32 or fp16")
+    if os.path.exists(out) and not force:
+        raise MolmoEdgeError(f"{out} already exists; pass --force to replace it or choose another -o")
+    t0 = time.perf_counter()
+    folder, cfg, source = open_checkpoint(model)
+    if max_crops is not None:
+        cfg = cfg.with_(preprocess=dataclasses.replace(cfg.preprocess, max_crops=max_crops))
+    progress(f"[export] {folder}: {cfg.family}, d_model {cfg.d_model}, {cfg.n_layers} layers, "
+             f"{parameter_count(cfg)['total'] / 1e9:.2f} B parameters")
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        manifest = _write(tmp, folder, cfg, source, dtype, opset, progress)
+        if check:
+            manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress)
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2)
+        if os.path.exists(out):
+            old = tmp + ".old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"[export] done in {time.perf_counter() - t0:.1f} s -> {out}")
+    return manifest
+
+
+def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress) -> dict:
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+
+    def get(name: str) -> np.ndarray:
+        t = source[name]
+        arr = t.float().numpy() if hasattr(t, "float") else np.asarray(t, np.float32)
+        if name not in seen:  # hash every checkpoint tensor once, by name and value
+            seen.add(name)
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(arr).tobytes())
+        return arr
+
+    wdtype = np.float16 if dtype == "fp16" else np.float32
+    # token embeddings: base rows then the additional (new_embedding) rows
+    base, extra = get("model.transformer.wte.embedding"), get("model.transformer.wte.new_embedding")
+    emb = np.lib.format.open_memmap(os.path.join(tmp, "embeddings.npy"), mode="w+", dtype=wdtype,
+                                    shape=(base.shape[0] + extra.shape[0], cfg.d_model))
+    emb[: base.shape[0]] = base
+    emb[base.shape[0]:] = extra
+    emb.flush()
+    del emb, base, extra
+
+    graphs = {}
+    for name, build in (("vision", build_vision), ("decoder", build_decoder)):
+        t = time.perf_counter()
+        progress(f"[export] writing {name}.onnx ({dtype} weights, opset {opset}) ...")
+        g = GraphBuilder(name, os.path.join(tmp, f"{name}.onnx.data"), wdtype, opset)
+        build(g, cfg, get)
+        model = g.finish(os.path.join(tmp, f"{name}.onnx"), doc=f"molmo-edge {name} graph for {cfg.family}")
+        inputs, outputs = _io(model)
+        graphs[name] = {
+            "file": f"{name}.onnx", "data": f"{name}.onnx.data", "opset": opset,
+            "file_bytes": os.path.getsize(os.path.join(tmp, f"{name}.onnx")),
+            "data_bytes": os.path.getsize(os.path.join(tmp, f"{name}.onnx.data")),
+            "precision": {"weights": dtype, "compute": "fp32"}, "inputs": inputs, "outputs": outputs,
+            "dynamic_axes": {v["name"]: {i: d for i, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs},
+            "nodes": len(model.graph.node),
+        }
+        del model, g
+        progress(f"[export]   {name}: {graphs[name]['nodes']} nodes, {graphs[name]['data_bytes'] / 1e6:.1f} MB weights, "
+                 f"{time.perf_counter() - t:.1f} s")
+    for f in TOKENIZER_FILES + REFERENCE_FILES:
+        if os.path.exists(os.path.join(folder, f)):
+            shutil.copy(os.path.join(folder, f), os.path.join(tmp, f))
+    if not os.path.exists(os.path.join(tmp, "tokenizer.json")):
+        raise MolmoEdgeError(f"{folder} has no tokenizer.json; add the checkpoint's tokenizer files and export again")
+
+    from molmo_edge.runtime.tokenizer import MolmoTokenizer
+    tok = MolmoTokenizer(tmp, cfg)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": os.path.abspath(folder), "name": os.path.basename(os.path.normpath(folder)), "family": cfg.family,
+                  "weights_sha256": digest.hexdigest(), "tensors_hashed": len(seen), "parameters": parameter_count(cfg)},
+        "config": cfg.to_dict(),
+        "tokens": {"bos": tok.bos_id, "eos": tok.eos_id, "image": {k: tok.image_token_ids[k] for k in IMAGE_TOKENS}},
+        "prompt": {"message_format": cfg.preprocess.message_format, "always_start_with_space": cfg.preprocess.always_start_with_space,
+                   "template": " User: {prompt} Assistant:"},
+        "preprocess": cfg.to_dict()["preprocess"],
+        "embeddings": {"file": "embeddings.npy", "shape": [cfg.embedding_size + cfg.additional_vocab_size, cfg.d_model],
+                       "dtype": np.dtype(wdtype).name},
+        "kv_cache": {"layout": ["batch", "seq", "kv_heads", "head_dim"], "n_layers": cfg.n_layers,
+                     "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "max_seq": cfg.max_sequence_length},
+        "moe": ({"experts": cfg.moe_num_experts, "top_k": cfg.moe_top_k,
+                 "expressed_as": "per-expert NonZero/GatherND/ScatterND(add) branches: only routed tokens' rows are computed"}
+                if cfg.is_moe else None),
+        "graphs": graphs,
+        "tools": _versions(),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress) -> dict:
+    """Run the new bundle through the runtime and the torch reference on one sample; fail on mismatch."""
+    import torch
+
+    from molmo_edge.runtime.session import Molmo
+    from .model import build_model
+    from .checkpoint import WeightSource
+
+    progress("[export] checking the ONNX graphs against the torch model ...")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    runtime = Molmo.load(bundle_dir)
+    inputs = runtime.processor.process("Describe this image.", image, max_crops=2)
+    got = runtime.forward(inputs)
+    ref_model = build_model(cfg, WeightSource(folder))
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(inputs["input_ids"].astype(np.int64)),
+                        **{k: torch.from_numpy(inputs[k]) for k in ("images", "image_masks", "image_input_idx")})
+    want = ref.logits[0].numpy()
+    diff = float(np.abs(got["logits"] - want).max())
+    fdiff = float(np.abs(got["image_features"] - ref.image_features[0].numpy()).max())
+    scale = max(1.0, float(np.abs(want).max()))
+    tol = 1e-3 if dtype == "fp32" else 5e-2 * scale  # fp16 weights: rounding of every weight, reported
+    agree = float((got["logits"].argmax(-1) == want.argmax(-1)).mean())
+    progress(f"[export] largest logit difference {diff:.2e} (tolerance {tol:.1e}), image features {fdiff:.2e}, "
+             f"argmax agreement {agree:.1%} over {want.shape[0]} positions")
+    if not np.isfinite(diff) or diff > tol:
+        raise MolmoEdgeError(f"export self-check failed: ONNX logits differ from the torch model by {diff:.3e} "
+                             f"(tolerance {tol:.1e}); nothing was written. Please report this with the checkpoint's config.json")
+    return {"max_abs_logit_diff": diff, "max_abs_feature_diff": fdiff, "argmax_agreement": agree, "tolerance": tol,
+            "positions": int(want.shape[0])}

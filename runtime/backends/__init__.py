@@ -1,0 +1,19 @@
+"""Backends run the bundle's two graphs and own the KV cache; everything above them is backend-blind.
+
+A backend has: `name`, `vision(images, image_masks) -> features [N, 144, d]`,
+`new_cache() -> KVCache`, and `decode(embeds [1, T, d], positions [1, T], cache, logit_positions [K])
+-> logits [1, K, V]`, which appends the step's K/V to the cache in place.
+"""
+from __future__ import annotations
+
+from ..bundle import Bundle
+from ..errors import MolmoEdgeError
+
+BACKENDS = ("onnxruntime",)
+
+
+def open_backend(bundle: Bundle, name: str = "onnxruntime", **options):
+    if name == "onnxruntime":
+        from .ort import OrtBackend
+        return OrtBackend(bundle, **options)
+    raise MolmoEdgeError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

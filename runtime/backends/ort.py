@@ -1,0 +1,72 @@
+"""onnxruntime backend: CPU by default, the CUDA provider when present. The decoder's new K/V are
+bound straight into the preallocated cache (IOBinding), so no per-token allocation of the cache."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError
+from ..errors import MolmoEdgeError
+from ..kv_cache import KVCache
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.cfg = bundle.config
+        self.providers = providers or default_providers()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self._ort = ort
+        self.sessions = {}
+        for name in ("vision", "decoder"):
+            path = bundle.graph_path(name)
+            try:
+                self.sessions[name] = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
+            except Exception as e:  # onnxruntime raises its own exception types; keep the first line
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise BundleError(f"{os.path.basename(path)} cannot be loaded by onnxruntime ({first}); the file is "
+                                  "damaged or from another version: re-export the bundle") from None
+        self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["decoder"].get_providers() else "cpu"
+
+    def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
+        return self.sessions["vision"].run(["image_features"], {"images": np.ascontiguousarray(images, np.float32),
+                                                                "image_masks": np.ascontiguousarray(image_masks, np.float32)})[0]
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len or c.max_sequence_length)
+
+    def decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray) -> np.ndarray:
+        t = embeds.shape[1]
+        cache.reserve(t)
+        sess = self.sessions["decoder"]
+        io = sess.io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
+        io.bind_cpu_input("logit_positions", np.ascontiguousarray(logit_positions, np.int64))
+        for i in range(self.cfg.n_layers):
+            pk, pv = cache.past(i)
+            nk, nv = cache.slot(i, t)
+            for name, arr in ((f"past_key.{i}", pk), (f"past_value.{i}", pv)):
+                io.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+            for name, arr in ((f"new_key.{i}", nk), (f"new_value.{i}", nv)):
+                io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        io.bind_output("logits", "cpu")
+        sess.run_with_iobinding(io)
+        cache.length += t
+        return io.get_outputs()[-1].numpy()  # logits (bound last)

@@ -1,0 +1,95 @@
+"""The bundle: the one contract between the export tools and the lean runtime (architecture.md).
+
+bundle/
+  manifest.json          format version, model identity and weight hash, config, tokens, graphs, tools
+  tokenizer.json, tokenizer_config.json, special_tokens_map.json
+  embeddings.npy         token-embedding table [embedding_size + additional, d] (memory-mapped)
+  vision.onnx (+ .data)  images + image_masks -> image_features
+  decoder.onnx (+ .data) inputs_embeds + position_ids + past K/V -> logits + new K/V
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import MolmoConfig
+from .errors import MolmoEdgeError
+
+FORMAT = "molmo-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(MolmoEdgeError):
+    """A bundle is missing files, damaged, or from an incompatible version."""
+
+
+def is_bundle(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST))
+
+
+@dataclass
+class Bundle:
+    folder: str
+    manifest: dict[str, Any]
+    config: MolmoConfig
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    def graph_path(self, name: str) -> str:
+        return self.path(self.manifest["graphs"][name]["file"])
+
+    def embeddings(self) -> np.ndarray:
+        """The token-embedding table, memory-mapped (pages load on first touch)."""
+        info = self.manifest["embeddings"]
+        arr = np.load(self.path(info["file"]), mmap_mode="r")
+        if list(arr.shape) != list(info["shape"]):
+            raise BundleError(f"{info['file']} has shape {list(arr.shape)}, manifest says {info['shape']}; re-export the bundle")
+        return arr
+
+
+def load_bundle(folder: str) -> Bundle:
+    """Read and check a bundle's manifest and files; every problem is one clear error."""
+    mpath = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise BundleError(f"{folder} has no {MANIFEST}: it is not a molmo-edge bundle (make one with `molmo-edge export MODEL -o {folder}`)")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is unreadable ({e}); re-export the bundle") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath} is not a molmo-edge bundle manifest; re-export with `molmo-edge export`")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        made = manifest.get("tools", {}).get("molmo_edge", "an unknown version")
+        raise BundleError(f"bundle format {version} (made by molmo-edge {made}) but this runtime reads format {FORMAT_VERSION}; "
+                          "re-export it with this version: `molmo-edge export MODEL -o BUNDLE`")
+    try:
+        cfg = MolmoConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{mpath} has a damaged config section ({e}); re-export the bundle") from None
+    bundle = Bundle(folder, manifest, cfg)
+    needed = ["tokenizer.json", manifest["embeddings"]["file"]]
+    for g in manifest["graphs"].values():
+        needed.append(g["file"])
+        needed += [g["data"]] if g.get("data") else []
+    missing = [n for n in needed if not os.path.isfile(bundle.path(n))]
+    if missing:
+        raise BundleError(f"bundle {folder} is missing {', '.join(missing)}; copy the whole bundle folder or re-export it")
+    for name, g in manifest["graphs"].items():
+        if g.get("data"):
+            size = os.path.getsize(bundle.path(g["data"]))
+            if size != g["data_bytes"]:
+                raise BundleError(f"{g['data']} is {size} bytes, the manifest says {g['data_bytes']}: the copy is "
+                                  "truncated or damaged; copy it again or re-export the bundle")
+        size = os.path.getsize(bundle.path(g["file"]))
+        if size != g["file_bytes"]:
+            raise BundleError(f"{g['file']} is {size} bytes, the manifest says {g['file_bytes']}: the copy is "
+                              "truncated or damaged; copy it again or re-export the bundle")
+    return bundle

@@ -1,0 +1,57 @@
+"""The backend-blind generation loop: greedy by default, temperature/top-p on request, stops at
+EOS, at stop strings, or after max_new_tokens; streams each new piece of text to a callback."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 200
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+
+
+def pick_token(logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator) -> int:
+    if opts.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / opts.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if opts.top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), opts.top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def generate(first_logits: np.ndarray, step: Callable[[int], np.ndarray], opts: GenerationOptions, eos_id: int,
+             decode: Callable[[list[int]], str], on_text: Callable[[str], None] | None = None) -> tuple[list[int], str]:
+    """Returns (token ids, stop reason: "eos" | "stop" | "length"). `step(token)` runs one decode step."""
+    rng = np.random.default_rng(opts.seed)
+    tokens: list[int] = []
+    logits, shown = first_logits, ""
+    while True:
+        tok = pick_token(logits, opts, rng)
+        tokens.append(tok)
+        if tok == eos_id:
+            return tokens, "eos"
+        text = decode(tokens)
+        hit = next((s for s in opts.stop if s and s in text), None)
+        if on_text:
+            visible = text[: text.index(hit)] if hit else text
+            if visible.startswith(shown) and len(visible) > len(shown) and not visible.endswith("\ufffd"):
+                on_text(visible[len(shown):])
+                shown = visible
+        if hit:
+            return tokens, "stop"
+        if len(tokens) >= opts.max_new_tokens:
+            return tokens, "length"
+        logits = step(tok)
