@@ -38,20 +38,22 @@ def generate(first_logits: np.ndarray, step: Callable[[int], np.ndarray], opts: 
     rng = np.random.default_rng(opts.seed)
     tokens: list[int] = []
     logits, shown = first_logits, ""
+
+    def emit(text: str, final: bool) -> str:
+        # hold back a trailing partial UTF-8 character (shown as U+FFFD) until the next token completes it
+        if on_text and text.startswith(shown) and len(text) > len(shown) and (final or not text.endswith("\ufffd")):
+            on_text(text[len(shown):])
+            return text
+        return shown
+
     while True:
         tok = pick_token(logits, opts, rng)
         tokens.append(tok)
-        if tok == eos_id:
-            return tokens, "eos"
         text = decode(tokens)
         hit = next((s for s in opts.stop if s and s in text), None)
-        if on_text:
-            visible = text[: text.index(hit)] if hit else text
-            if visible.startswith(shown) and len(visible) > len(shown) and not visible.endswith("\ufffd"):
-                on_text(visible[len(shown):])
-                shown = visible
-        if hit:
-            return tokens, "stop"
-        if len(tokens) >= opts.max_new_tokens:
-            return tokens, "length"
+        visible = text[: text.index(hit)] if hit else text
+        reason = "eos" if tok == eos_id else "stop" if hit else "length" if len(tokens) >= opts.max_new_tokens else ""
+        shown = emit(visible, bool(reason))
+        if reason:
+            return tokens, reason
         logits = step(tok)

@@ -1,0 +1,194 @@
+"""Export to a bundle and run it with onnxruntime: parity with the torch model for every family,
+the KV/prefix caching, and clear errors for damaged or foreign bundles."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from molmo_edge.export.bundle import export_bundle  # noqa: E402
+from molmo_edge.export.checkpoint import load_reference_model  # noqa: E402
+from molmo_edge.runtime.bundle import BundleError, load_bundle  # noqa: E402
+from molmo_edge.runtime.errors import MolmoEdgeError  # noqa: E402
+from molmo_edge.runtime.kv_cache import ContextOverflow  # noqa: E402
+from molmo_edge.runtime.session import Molmo  # noqa: E402
+
+QUIET = dict(progress=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {fam: export_bundle(ck, str(root / fam), **QUIET) and str(root / fam) for fam, ck in tiny_checkpoints.items()}
+
+
+def _frame(h=220, w=330, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img[h // 3: h // 2, w // 4: w // 2] = (230, 20, 20)
+    return img
+
+
+@pytest.mark.parametrize("family", ["molmoe-1b", "molmo-7b-o", "molmo-7b-d", "molmo-72b"])
+def test_bundle_matches_torch(bundles, tiny_checkpoints, family):
+    m = Molmo.load(bundles[family])
+    model, cfg, _ = load_reference_model(tiny_checkpoints[family])
+    for image, max_crops in ((_frame(), None), (_frame(500, 120, 1), 3), (None, None)):
+        inputs = m.processor.process("Point to the red box.", image, max_crops=max_crops)
+        got = m.forward(inputs)
+        kw = {k: torch.from_numpy(inputs[k]) for k in ("images", "image_masks", "image_input_idx") if k in inputs}
+        with torch.no_grad():
+            ref = model(torch.from_numpy(inputs["input_ids"].astype(np.int64)), **kw)
+        assert np.abs(got["logits"] - ref.logits[0].numpy()).max() < 1e-3
+        if image is not None:
+            assert np.abs(got["image_features"] - ref.image_features[0].numpy()).max() < 1e-3
+        # greedy tokens identical through the cached-prefix, KV-cache path
+        ans = m.ask("Point to the red box.", image, max_new_tokens=6, max_crops=max_crops)
+        want = model.generate(torch.from_numpy(inputs["input_ids"].astype(np.int64)), max_new_tokens=6,
+                              eos_token_id=m.tokenizer.eos_id, **kw)
+        assert ans.token_ids == want
+
+
+def test_second_question_skips_vision_and_image_prefill(bundles, tiny_checkpoints):
+    m = Molmo.load(bundles["molmoe-1b"])
+    img = _frame()
+    a1 = m.ask("What is this?", img, max_new_tokens=4)
+    assert m.stats == {"vision_runs": 1, "prefix_prefills": 1, "questions": 1}
+    a2 = m.ask("How many boxes?", img, max_new_tokens=4)
+    assert m.stats["vision_runs"] == 1 and m.stats["prefix_prefills"] == 1
+    assert a2.timings["vision"] == 0.0
+    # the cached-prefix answer equals a fresh runtime's answer
+    fresh = Molmo.load(bundles["molmoe-1b"]).ask("How many boxes?", img, max_new_tokens=4)
+    assert fresh.token_ids == a2.token_ids
+    m.ask("What is this?", _frame(seed=5), max_new_tokens=2)
+    assert m.stats["vision_runs"] == 2
+    assert m.ask("What is this?", img, max_new_tokens=4).token_ids == a1.token_ids  # features still cached
+    assert m.stats["vision_runs"] == 2 and m.stats["prefix_prefills"] == 3
+
+
+def test_fp16_bundle_reports_difference(tiny_checkpoints, tmp_path):
+    manifest = export_bundle(tiny_checkpoints["molmo-7b-d"], str(tmp_path / "b16"), dtype="fp16", **QUIET)
+    assert manifest["graphs"]["decoder"]["precision"]["weights"] == "fp16"
+    assert 0 < manifest["parity"]["max_abs_logit_diff"] < manifest["parity"]["tolerance"]
+    b32 = os.path.getsize(tmp_path / "b16" / "decoder.onnx.data")
+    assert b32 > 0
+
+
+def test_manifest_contents(bundles):
+    b = load_bundle(bundles["molmoe-1b"])
+    man = b.manifest
+    assert man["format_version"] == 1 and len(man["model"]["weights_sha256"]) == 64
+    assert man["tokens"]["image"]["<im_patch>"] == b.config.image_token_ids()["<im_patch>"]
+    assert {i["name"] for i in man["graphs"]["vision"]["inputs"]} == {"images", "image_masks"}
+    assert man["graphs"]["decoder"]["dynamic_axes"]["inputs_embeds"] == {"0": "batch", "1": "seq"} or \
+        man["graphs"]["decoder"]["dynamic_axes"]["inputs_embeds"] == {0: "batch", 1: "seq"}
+    assert man["graphs"]["decoder"]["opset"] <= 20 and man["moe"]["top_k"] == b.config.moe_top_k
+    assert man["parity"]["max_abs_logit_diff"] < 1e-3
+    import onnx
+    for g in ("vision", "decoder"):
+        model = onnx.load(b.graph_path(g), load_external_data=False)
+        assert {o.domain for o in model.opset_import} == {""}  # standard ops only
+        assert all(n.domain == "" for n in model.graph.node)
+
+
+def test_decode_reads_only_routed_experts(bundles):
+    """In a decode step, only the experts the router picked get rows (the others compute on zero rows)."""
+    import onnx
+    b = load_bundle(bundles["molmoe-1b"])
+    model = onnx.load(b.graph_path("decoder"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    cfg = b.config
+    assert ops.count("NonZero") == cfg.n_layers * cfg.moe_num_experts
+    assert ops.count("ScatterND") == cfg.n_layers * cfg.moe_num_experts
+
+
+def test_bundle_errors(bundles, tmp_path):
+    src = bundles["molmo-7b-o"]
+    bad = str(tmp_path / "v2")
+    shutil.copytree(src, bad)
+    man = json.load(open(f"{bad}/manifest.json"))
+    man["format_version"] = 99
+    json.dump(man, open(f"{bad}/manifest.json", "w"))
+    with pytest.raises(BundleError, match="format 99.*re-export"):
+        load_bundle(bad)
+
+    trunc = str(tmp_path / "trunc")
+    shutil.copytree(src, trunc)
+    with open(f"{trunc}/decoder.onnx.data", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(BundleError, match="truncated or damaged"):
+        load_bundle(trunc)
+
+    notok = str(tmp_path / "notok")
+    shutil.copytree(src, notok)
+    os.remove(f"{notok}/tokenizer.json")
+    with pytest.raises(BundleError, match="missing tokenizer.json"):
+        load_bundle(notok)
+
+    garbage = str(tmp_path / "garbage")
+    shutil.copytree(src, garbage)
+    size = os.path.getsize(f"{garbage}/vision.onnx")
+    with open(f"{garbage}/vision.onnx", "wb") as f:
+        f.write(b"\x00" * size)  # same size, destroyed content
+    with pytest.raises(BundleError, match="cannot be loaded by onnxruntime"):
+        Molmo.load(garbage)
+
+    with pytest.raises(BundleError, match="not a molmo-edge bundle"):
+        load_bundle(str(tmp_path))
+
+
+def test_context_overflow_is_clear(bundles):
+    m = Molmo.load(bundles["molmo-7b-d"])
+    m.cache = m.backend.new_cache(64)
+    with pytest.raises(ContextOverflow, match="exceed the model's context of 64"):
+        m.ask("hello " * 80, max_new_tokens=4)
+    assert m.ask("hi", max_new_tokens=3).token_ids  # still usable afterwards
+
+
+def test_sampling_and_stop_strings(bundles):
+    m = Molmo.load(bundles["molmo-7b-d"])
+    g1 = m.ask("Tell me.", max_new_tokens=8)
+    assert m.ask("Tell me.", max_new_tokens=8).token_ids == g1.token_ids
+    s1 = m.ask("Tell me.", max_new_tokens=8, temperature=1.5, top_p=0.9, seed=1)
+    s2 = m.ask("Tell me.", max_new_tokens=8, temperature=1.5, top_p=0.9, seed=1)
+    assert s1.token_ids == s2.token_ids
+    pieces = []
+    streamed = m.ask("Tell me.", max_new_tokens=8, on_text=pieces.append)
+    assert "".join(pieces).strip() == streamed.text
+    if len(g1.text) > 2:
+        stop = g1.text[1:3]
+        cut = m.ask("Tell me.", max_new_tokens=8, stop=[stop])
+        assert cut.stop_reason == "stop" and stop not in cut.text
+
+
+def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    import molmo_edge.export.bundle as eb
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eb, "build_decoder", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(tiny_checkpoints["molmo-7b-d"], str(tmp_path / "out"), **QUIET)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_needs_force(bundles, tiny_checkpoints):
+    with pytest.raises(MolmoEdgeError, match="--force"):
+        export_bundle(tiny_checkpoints["molmo-7b-d"], bundles["molmo-7b-d"], **QUIET)
+
+
+def test_failed_self_check_writes_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    import molmo_edge.export.onnx_graphs as og
+    real = og._rope
+
+    def wrong_rope(g, x, cos, sin, hd):  # a plausible bug: rotation sign flipped
+        return real(g, x, cos, g.op("Neg", [sin]), hd)
+
+    monkeypatch.setattr(og, "_rope", wrong_rope)
+    with pytest.raises(MolmoEdgeError, match="self-check failed"):
+        export_bundle(tiny_checkpoints["molmo-7b-d"], str(tmp_path / "bad"), **QUIET)
+    assert os.listdir(tmp_path) == []
