@@ -57,7 +57,8 @@ def _say(msg: str) -> None:
 
 
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
-                  check: bool = True, force: bool = False, progress: Callable[[str], None] = _say) -> dict:
+                  check: bool = True, force: bool = False, progress: Callable[[str], None] = _say,
+                  check_layers: int | None = None) -> dict:
     """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest."""
     if not 17 <= opset <= MAX_OPSET_TRT_10_3:
         raise MolmoEdgeError(f"--opset {opset} is outside 17..{MAX_OPSET_TRT_10_3} (LayerNormalization needs 17; "
@@ -80,7 +81,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
     try:
         manifest = _write(tmp, folder, cfg, source, dtype, opset, progress)
         if check:
-            manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress)
+            manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(manifest, f, indent=2)
         if os.path.exists(out):
@@ -94,6 +95,27 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"[export] done in {time.perf_counter() - t0:.1f} s -> {out}")
     return manifest
+
+
+def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, progress) -> dict:
+    t = time.perf_counter()
+    dtype = "fp16" if wdtype == np.float16 else "fp32"
+    progress(f"[export] writing {name}.onnx ({dtype} weights, opset {opset}) ...")
+    g = GraphBuilder(name, os.path.join(folder, f"{name}.onnx.data"), wdtype, opset)
+    build(g, cfg, get)
+    model = g.finish(os.path.join(folder, f"{name}.onnx"), doc=f"molmo-edge {name} graph for {cfg.family}")
+    inputs, outputs = _io(model)
+    info = {
+        "file": f"{name}.onnx", "data": f"{name}.onnx.data", "opset": opset,
+        "file_bytes": os.path.getsize(os.path.join(folder, f"{name}.onnx")),
+        "data_bytes": os.path.getsize(os.path.join(folder, f"{name}.onnx.data")),
+        "precision": {"weights": dtype, "compute": "fp32"}, "inputs": inputs, "outputs": outputs,
+        "dynamic_axes": {v["name"]: {i: d for i, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs},
+        "nodes": len(model.graph.node),
+    }
+    progress(f"[export]   {name}: {info['nodes']} nodes, {info['data_bytes'] / 1e6:.1f} MB weights, "
+             f"{time.perf_counter() - t:.1f} s")
+    return info
 
 
 def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress) -> dict:
@@ -119,25 +141,8 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress)
     emb.flush()
     del emb, base, extra
 
-    graphs = {}
-    for name, build in (("vision", build_vision), ("decoder", build_decoder)):
-        t = time.perf_counter()
-        progress(f"[export] writing {name}.onnx ({dtype} weights, opset {opset}) ...")
-        g = GraphBuilder(name, os.path.join(tmp, f"{name}.onnx.data"), wdtype, opset)
-        build(g, cfg, get)
-        model = g.finish(os.path.join(tmp, f"{name}.onnx"), doc=f"molmo-edge {name} graph for {cfg.family}")
-        inputs, outputs = _io(model)
-        graphs[name] = {
-            "file": f"{name}.onnx", "data": f"{name}.onnx.data", "opset": opset,
-            "file_bytes": os.path.getsize(os.path.join(tmp, f"{name}.onnx")),
-            "data_bytes": os.path.getsize(os.path.join(tmp, f"{name}.onnx.data")),
-            "precision": {"weights": dtype, "compute": "fp32"}, "inputs": inputs, "outputs": outputs,
-            "dynamic_axes": {v["name"]: {i: d for i, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs},
-            "nodes": len(model.graph.node),
-        }
-        del model, g
-        progress(f"[export]   {name}: {graphs[name]['nodes']} nodes, {graphs[name]['data_bytes'] / 1e6:.1f} MB weights, "
-                 f"{time.perf_counter() - t:.1f} s")
+    graphs = {name: _write_graph(tmp, name, build, cfg, get, wdtype, opset, progress)
+              for name, build in (("vision", build_vision), ("decoder", build_decoder))}
     for f in TOKENIZER_FILES + REFERENCE_FILES:
         if os.path.exists(os.path.join(folder, f)):
             shutil.copy(os.path.join(folder, f), os.path.join(tmp, f))
@@ -171,24 +176,81 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress)
     return manifest
 
 
-def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress) -> dict:
-    """Run the new bundle through the runtime and the torch reference on one sample; fail on mismatch."""
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def check_layer_budget(cfg, available: int | None = None) -> int:
+    """How many decoder layers the self-check can afford: the torch model and the onnxruntime session
+    each hold the checked weights in float32, plus working memory."""
+    from molmo_edge.runtime.weights import block_weight_shapes, hf_weight_shapes
+    total = sum(int(np.prod(s)) for s in hf_weight_shapes(cfg).values()) * 4
+    layer = sum(int(np.prod(s)) for s in block_weight_shapes(cfg, 0).values()) * 4
+    fixed = total - cfg.n_layers * layer
+    budget = 0.7 * (available or _mem_available())
+    for k in range(cfg.n_layers, 0, -1):
+        if 2.5 * (fixed + k * layer) <= budget:
+            return k
+    return 1
+
+
+def _check_bundle(bundle_dir: str, cfg, source, wdtype, opset: int, layers: int, progress) -> str:
+    """A throw-away bundle whose decoder has only the first `layers` layers (vision, embeddings and
+    tokenizer shared with the real bundle by links), for checking models larger than memory."""
+    check = os.path.join(bundle_dir, ".check")
+    os.makedirs(check)
+    with open(os.path.join(bundle_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    for name in os.listdir(bundle_dir):
+        if name not in (".check", MANIFEST) and not name.startswith("decoder."):
+            os.symlink(os.path.join(os.path.abspath(bundle_dir), name), os.path.join(check, name))
+    short = cfg.with_(n_layers=layers)
+    get = lambda n: source[n].float().numpy()  # noqa: E731
+    manifest["graphs"]["decoder"] = _write_graph(check, "decoder", build_decoder, short, get, wdtype, opset, progress)
+    manifest["config"] = short.to_dict()
+    with open(os.path.join(check, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return check
+
+
+def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress, check_layers: int | None = None,
+                opset: int = 18) -> dict:
+    """Run the new bundle through the runtime and the torch reference on one sample; fail on mismatch.
+    Models larger than memory are checked on their first decoder layers (all of vision, embeddings, head)."""
     import torch
 
     from molmo_edge.runtime.session import Molmo
-    from .model import build_model
     from .checkpoint import WeightSource
+    from .model import build_model
 
+    layers = min(cfg.n_layers, check_layers or check_layer_budget(cfg))
+    source = WeightSource(folder)
+    target = bundle_dir
+    if layers < cfg.n_layers:
+        progress(f"[export] the full check needs more memory than this machine has: checking the vision graph and "
+                 f"the first {layers} of {cfg.n_layers} decoder layers")
+        target = _check_bundle(bundle_dir, cfg, source, np.float16 if dtype == "fp16" else np.float32, opset, layers, progress)
     progress("[export] checking the ONNX graphs against the torch model ...")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    runtime = Molmo.load(bundle_dir)
+    runtime = Molmo.load(target)
     inputs = runtime.processor.process("Describe this image.", image, max_crops=2)
     got = runtime.forward(inputs)
-    ref_model = build_model(cfg, WeightSource(folder))
+    del runtime
+    ref_model = build_model(cfg.with_(n_layers=layers), source)
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(inputs["input_ids"].astype(np.int64)),
                         **{k: torch.from_numpy(inputs[k]) for k in ("images", "image_masks", "image_input_idx")})
+    del ref_model
+    if target != bundle_dir:
+        shutil.rmtree(target)
     want = ref.logits[0].numpy()
     diff = float(np.abs(got["logits"] - want).max())
     fdiff = float(np.abs(got["image_features"] - ref.image_features[0].numpy()).max())
@@ -201,4 +263,4 @@ def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress) -> dict
         raise MolmoEdgeError(f"export self-check failed: ONNX logits differ from the torch model by {diff:.3e} "
                              f"(tolerance {tol:.1e}); nothing was written. Please report this with the checkpoint's config.json")
     return {"max_abs_logit_diff": diff, "max_abs_feature_diff": fdiff, "argmax_agreement": agree, "tolerance": tol,
-            "positions": int(want.shape[0])}
+            "positions": int(want.shape[0]), "decoder_layers_checked": layers, "decoder_layers": cfg.n_layers}

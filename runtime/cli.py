@@ -205,7 +205,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         from molmo_edge.export.bundle import export_bundle
     except ImportError as e:
         raise MolmoEdgeError(f"export needs the export extra ({e.name} is missing): pip install 'molmo-edge[export]'") from None
-    export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force)
+    export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force,
+                  check_layers=a.check_layers)
     print(os.path.abspath(a.output))
     return 0
 
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (TensorRT 10.3 parses <= 20; default 18)")
     s.add_argument("--max-crops", type=int, default=None, help="default crops per image for this bundle")
     s.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-torch self-check (not recommended)")
+    s.add_argument("--check-layers", type=int, default=None,
+                   help="check only the first N decoder layers (default: as many as fit in memory, all for most models)")
     s.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     s.set_defaults(fn=cmd_export)
     return p

@@ -192,3 +192,16 @@ def test_failed_self_check_writes_nothing(tiny_checkpoints, tmp_path, monkeypatc
     with pytest.raises(MolmoEdgeError, match="self-check failed"):
         export_bundle(tiny_checkpoints["molmo-7b-d"], str(tmp_path / "bad"), **QUIET)
     assert os.listdir(tmp_path) == []
+
+
+def test_partial_depth_check_for_models_larger_than_memory(tiny_checkpoints, tmp_path):
+    from molmo_edge.export.bundle import check_layer_budget
+    from molmo_edge.export.synthetic import family_config
+    from molmo_edge.runtime.config import config_from_hf
+
+    man = export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "b"), check_layers=1, **QUIET)
+    assert man["parity"]["decoder_layers_checked"] == 1 and man["parity"]["max_abs_logit_diff"] < 1e-3
+    assert not os.path.exists(tmp_path / "b" / ".check")
+    full = config_from_hf(family_config("molmoe-1b", "full", vocab_size=50280))
+    assert check_layer_budget(full, 22 << 30) < full.n_layers       # 29 GB of fp32 weights cannot be held twice
+    assert check_layer_budget(full, 1 << 40) == full.n_layers
