@@ -93,3 +93,34 @@ def load_bundle(folder: str) -> Bundle:
             raise BundleError(f"{g['file']} is {size} bytes, the manifest says {g['file_bytes']}: the copy is "
                               "truncated or damaged; copy it again or re-export the bundle")
     return bundle
+
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def select_graphs(manifest: dict[str, Any], precision: str = "fp32", fused: bool = True) -> tuple[str, str]:
+    """Which of the bundle's graphs run for a precision: (vision key, decoder key).
+
+    Graph keys in manifest["graphs"]: "vision", "decoder" (portable, fp32 or fp16 weights), and the
+    optional flavours "vision.int8" (Q/DQ from calibration), "decoder.int8"/"decoder.int4" (weight-only
+    quantized), "decoder.fused" (onnxruntime contrib ops). All decoder flavours share one I/O signature.
+    """
+    graphs = manifest["graphs"]
+    if precision not in PRECISIONS:
+        raise BundleError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    vision, decoder = "vision", "decoder"
+    if precision == "int8":
+        if "vision.int8" not in graphs:
+            raise BundleError("this bundle has no INT8 vision graph: run `molmo-edge calibrate BUNDLE --source FRAMES` first")
+        vision = "vision.int8"
+    if precision in ("int8", "int4"):
+        for key in (f"decoder.{precision}", "decoder.int4", "decoder.int8"):
+            if key in graphs:
+                decoder = key
+                break
+        else:
+            if precision == "int4":
+                raise BundleError("this bundle has no INT4 decoder: export it with `molmo-edge export MODEL -o BUNDLE --weights int4`")
+    elif fused and "decoder.fused" in graphs:
+        decoder = "decoder.fused"
+    return vision, decoder

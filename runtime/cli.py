@@ -72,11 +72,11 @@ def _backend_for(folder: str, backend: str | None) -> str:
     return backend
 
 
-def _runtime(folder: str, backend: str):
+def _runtime(folder: str, backend: str, precision: str = "fp32"):
     from .session import Molmo
     t0 = time.perf_counter()
-    _progress(f"loading bundle {folder} ({backend}) ...")
-    m = Molmo.load(folder, backend)
+    _progress(f"loading bundle {folder} ({backend}, {precision}) ...")
+    m = Molmo.load(folder, backend, precision=precision)
     _progress(f"loaded in {time.perf_counter() - t0:.1f} s")
     return m
 
@@ -117,7 +117,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
     data = _load_inputs(a.inputs)
     folder = _model_folder(a.model)
     if _backend_for(folder, a.backend) != "torch":
-        res = _runtime(folder, a.backend or "onnxruntime").forward(data)
+        res = _runtime(folder, a.backend or "onnxruntime", a.precision).forward(data)
         _save_npz(a.output, res)
         _progress(f"wrote {a.output}: logits {list(res['logits'].shape)}")
         return 0
@@ -145,7 +145,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
     if backend == "torch":
         return _ask_torch(a, folder, prompts)
     from .preprocess import load_image
-    m = _runtime(folder, backend)
+    m = _runtime(folder, backend, a.precision)
     rgb = load_image(a.image) if a.image else None
     stream = a.stream and not a.json
     last = None
@@ -220,6 +220,23 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.model, a.workdir, a.image, prompts, a.max_new_tokens)
 
 
+# Commands that live next to their subsystem: each module has `add_commands(subparsers)` and keeps
+# its heavy imports inside the command functions.
+COMMAND_MODULES = ("cli_stream", "cli_calibrate", "cli_trt", "cli_bench")
+
+
+def _add_module_commands(sub) -> None:
+    import importlib
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+            continue
+        mod.add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="molmo-edge", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="where to write the .npz of logits")
     s.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
                    help="torch (checkpoints, the float32 reference) or onnxruntime (bundles); default: by MODEL")
+    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="bundle graphs to run: fp32 (default), int8 (calibrated vision + quantized decoder), int4 (decoder weights)")
     s.set_defaults(fn=cmd_forward)
 
     s = sub.add_parser("ask", help="ask a question (about an image) and print the answer",
@@ -276,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlay", metavar="OUT.jpg", help="draw the answer's points on the image and save it")
     s.add_argument("--json", action="store_true",
                    help="print one JSON object per question: text, token_ids, points, count, timings (ms)")
+    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="bundle graphs to run: fp32 (default), int8 (calibrated vision + quantized decoder), int4 (decoder weights)")
     s.set_defaults(fn=cmd_ask)
 
     s = sub.add_parser("export", help="turn a checkpoint into a bundle (ONNX graphs, tokenizer, embeddings, manifest)",
@@ -292,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check only the first N decoder layers (default: as many as fit in memory, all for most models)")
     s.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     s.set_defaults(fn=cmd_export)
+    _add_module_commands(sub)
     return p
 
 

@@ -20,8 +20,10 @@ def default_providers() -> list[str]:
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
+                 precision: str = "fp32", fused: bool = True):
         import onnxruntime as ort
+        from ..bundle import select_graphs
 
         self.bundle = bundle
         self.cfg = bundle.config
@@ -33,8 +35,10 @@ class OrtBackend:
         opts.log_severity_level = 3
         self._ort = ort
         self.sessions = {}
-        for name in ("vision", "decoder"):
-            path = bundle.graph_path(name)
+        self.graphs = dict(zip(("vision", "decoder"), select_graphs(bundle.manifest, precision, fused)))
+        self.precision = precision
+        for name, key in self.graphs.items():
+            path = bundle.graph_path(key)
             try:
                 self.sessions[name] = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types; keep the first line
