@@ -26,6 +26,8 @@ from molmo_edge.runtime.weights import parameter_count
 
 from .checkpoint import open_checkpoint
 from .graph import GraphBuilder
+from .onnx_fused import KV_LAYOUT as FUSED_KV_LAYOUT
+from .onnx_fused import build_decoder_fused
 from .onnx_graphs import build_decoder, build_vision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -48,7 +50,7 @@ def _versions() -> dict[str, str]:
 def _io(model) -> tuple[list, list]:
     def desc(v):
         dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-        return {"name": v.name, "shape": dims, "dtype": {1: "float32", 7: "int64", 10: "float16"}[v.type.tensor_type.elem_type]}
+        return {"name": v.name, "shape": dims, "dtype": {1: "float32", 6: "int32", 7: "int64", 10: "float16"}[v.type.tensor_type.elem_type]}
     return [desc(v) for v in model.graph.input], [desc(v) for v in model.graph.output]
 
 
@@ -58,8 +60,9 @@ def _say(msg: str) -> None:
 
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
                   check: bool = True, force: bool = False, progress: Callable[[str], None] = _say,
-                  check_layers: int | None = None) -> dict:
-    """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest."""
+                  check_layers: int | None = None, fused: bool = True) -> dict:
+    """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest.
+    fused: also write "decoder.fused" (onnxruntime contrib ops), which the onnxruntime backend prefers."""
     if not 17 <= opset <= MAX_OPSET_TRT_10_3:
         raise MolmoEdgeError(f"--opset {opset} is outside 17..{MAX_OPSET_TRT_10_3} (LayerNormalization needs 17; "
                              f"TensorRT 10.3 on JetPack 6 parses up to {MAX_OPSET_TRT_10_3})")
@@ -79,7 +82,11 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        manifest = _write(tmp, folder, cfg, source, dtype, opset, progress)
+        if fused and cfg.head_dim % 16:
+            progress(f"[export] skipping decoder.fused: onnxruntime's GroupQueryAttention needs head_dim % 16 == 0 "
+                     f"(this model has {cfg.head_dim})")
+            fused = False
+        manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, _decoders(fused))
         if check:
             manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
             with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -95,6 +102,13 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"[export] done in {time.perf_counter() - t0:.1f} s -> {out}")
     return manifest
+
+
+def _decoders(fused: bool) -> list[tuple[str, Callable]]:
+    out = [("decoder", build_decoder)]
+    if fused:
+        out.append(("decoder.fused", build_decoder_fused))
+    return out
 
 
 def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, progress) -> dict:
@@ -113,12 +127,14 @@ def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, pr
         "dynamic_axes": {v["name"]: {i: d for i, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs},
         "nodes": len(model.graph.node),
     }
+    if name == "decoder.fused":
+        info["kv_layout"] = FUSED_KV_LAYOUT
     progress(f"[export]   {name}: {info['nodes']} nodes, {info['data_bytes'] / 1e6:.1f} MB weights, "
              f"{time.perf_counter() - t:.1f} s")
     return info
 
 
-def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress) -> dict:
+def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress, decoders) -> dict:
     digest = hashlib.sha256()
     seen: set[str] = set()
 
@@ -142,7 +158,7 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress)
     del emb, base, extra
 
     graphs = {name: _write_graph(tmp, name, build, cfg, get, wdtype, opset, progress)
-              for name, build in (("vision", build_vision), ("decoder", build_decoder))}
+              for name, build in [("vision", build_vision)] + decoders}
     for f in TOKENIZER_FILES + REFERENCE_FILES:
         if os.path.exists(os.path.join(folder, f)):
             shutil.copy(os.path.join(folder, f), os.path.join(tmp, f))
@@ -213,7 +229,8 @@ def _check_bundle(bundle_dir: str, cfg, source, wdtype, opset: int, layers: int,
             os.symlink(os.path.join(os.path.abspath(bundle_dir), name), os.path.join(check, name))
     short = cfg.with_(n_layers=layers)
     get = lambda n: source[n].float().numpy()  # noqa: E731
-    manifest["graphs"]["decoder"] = _write_graph(check, "decoder", build_decoder, short, get, wdtype, opset, progress)
+    for name, build in _decoders("decoder.fused" in manifest["graphs"]):
+        manifest["graphs"][name] = _write_graph(check, name, build, short, get, wdtype, opset, progress)
     manifest["config"] = short.to_dict()
     with open(os.path.join(check, MANIFEST), "w") as f:
         json.dump(manifest, f)
@@ -240,10 +257,13 @@ def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress, check_l
     progress("[export] checking the ONNX graphs against the torch model ...")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    runtime = Molmo.load(target)
-    inputs = runtime.processor.process("Describe this image.", image, max_crops=2)
-    got = runtime.forward(inputs)
-    del runtime
+    flavours = [False, True] if os.path.exists(os.path.join(target, "decoder.fused.onnx")) else [False]
+    results = {}
+    for fused in flavours:
+        runtime = Molmo.load(target, fused=fused)
+        inputs = runtime.processor.process("Describe this image.", image, max_crops=2)
+        results[runtime.backend.graphs["decoder"]] = runtime.forward(inputs)
+        del runtime
     ref_model = build_model(cfg.with_(n_layers=layers), source)
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(inputs["input_ids"].astype(np.int64)),
@@ -252,15 +272,18 @@ def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress, check_l
     if target != bundle_dir:
         shutil.rmtree(target)
     want = ref.logits[0].numpy()
-    diff = float(np.abs(got["logits"] - want).max())
+    per_graph = {k: float(np.abs(v["logits"] - want).max()) for k, v in results.items()}
+    diff = max(per_graph.values())
+    got = results["decoder"]
     fdiff = float(np.abs(got["image_features"] - ref.image_features[0].numpy()).max())
     scale = max(1.0, float(np.abs(want).max()))
     tol = 1e-3 if dtype == "fp32" else 5e-2 * scale  # fp16 weights: rounding of every weight, reported
-    agree = float((got["logits"].argmax(-1) == want.argmax(-1)).mean())
-    progress(f"[export] largest logit difference {diff:.2e} (tolerance {tol:.1e}), image features {fdiff:.2e}, "
+    agree = min(float((v["logits"].argmax(-1) == want.argmax(-1)).mean()) for v in results.values())
+    shown = ", ".join(f"{k} {v:.2e}" for k, v in per_graph.items())
+    progress(f"[export] largest logit difference {shown} (tolerance {tol:.1e}), image features {fdiff:.2e}, "
              f"argmax agreement {agree:.1%} over {want.shape[0]} positions")
     if not np.isfinite(diff) or diff > tol:
         raise MolmoEdgeError(f"export self-check failed: ONNX logits differ from the torch model by {diff:.3e} "
                              f"(tolerance {tol:.1e}); nothing was written. Please report this with the checkpoint's config.json")
-    return {"max_abs_logit_diff": diff, "max_abs_feature_diff": fdiff, "argmax_agreement": agree, "tolerance": tol,
+    return {"max_abs_logit_diff": diff, "per_decoder": per_graph, "max_abs_feature_diff": fdiff, "argmax_agreement": agree, "tolerance": tol,
             "positions": int(want.shape[0]), "decoder_layers_checked": layers, "decoder_layers": cfg.n_layers}

@@ -40,10 +40,14 @@ class GraphBuilder:
         self.inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
         return name
 
-    def output(self, value: str, name: str, elem: int, shape: Sequence[Any]) -> str:
-        self.op("Identity", [value], outputs=[name])
+    def declare_output(self, name: str, elem: int, shape: Sequence[Any]) -> str:
+        """Make an existing value (a node output named `name`) a graph output, without a copy."""
         self.outputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
         return name
+
+    def output(self, value: str, name: str, elem: int, shape: Sequence[Any]) -> str:
+        self.op("Identity", [value], outputs=[name])
+        return self.declare_output(name, elem, shape)
 
     def _tensor(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
         arr = np.ascontiguousarray(arr)
@@ -116,8 +120,9 @@ class GraphBuilder:
     def finish(self, path: str, doc: str = "") -> onnx.ModelProto:
         self._data.close()
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="molmo-edge",
-                                  doc_string=doc)
+        domains = sorted({n.domain for n in self.nodes if n.domain})
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)]
+                                  + [helper.make_opsetid(dom, 1) for dom in domains], producer_name="molmo-edge", doc_string=doc)
         model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime >= 1.17 and TensorRT 10.3
         onnx.save_model(model, path)
         return model

@@ -32,7 +32,7 @@ _TINY = {
     "molmoe-1b": dict(d=64, heads=4, kv=4, layers=2, hidden=64, experts=8, top_k=2),
     "molmo-7b-o": dict(d=64, heads=4, kv=4, layers=2, hidden=192),
     "molmo-7b-d": dict(d=64, heads=4, kv=2, layers=2, hidden=192),
-    "molmo-72b": dict(d=64, heads=8, kv=2, layers=2, hidden=256),
+    "molmo-72b": dict(d=128, heads=8, kv=2, layers=2, hidden=256),
 }
 TINY_VISION = dict(image_emb_dim=32, image_num_heads=2, image_num_key_value_heads=2, image_head_dim=16,
                    image_mlp_dim=64, image_num_layers=10, image_num_pos=577, image_norm_eps=1e-5,

@@ -1,8 +1,11 @@
-"""A preallocated KV cache: per layer one key and one value buffer [1, max_len, kv_heads, head_dim].
+"""A preallocated KV cache: per layer one key and one value buffer.
 
-Sequence-major, so the filled part `[:, :length]` is a contiguous prefix that is handed to the
-decoder without copying, and each step's new entries are written in place right after it. Pages
-of the buffers are committed by the OS only when first written (np.zeros is lazy).
+Layout "bsnh" [1, max_len, kv_heads, head_dim] (portable decoder): sequence-major, so the filled
+part `[:, :length]` is a contiguous prefix handed to the decoder without copying, and each step's
+new entries are written in place right after it. Layout "bnsh" [1, kv_heads, max_len, head_dim]
+(onnxruntime GroupQueryAttention in share-buffer mode): the whole buffer is bound as both past and
+present and the op writes the new entries in place. Pages of the buffers are committed by the OS
+only when first written (np.zeros is lazy).
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ class ContextOverflow(MolmoEdgeError):
 
 
 class KVCache:
-    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, max_len: int, dtype=np.float32):
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, max_len: int, dtype=np.float32, layout: str = "bsnh"):
         self.max_len = max_len
-        self.keys = [np.zeros((1, max_len, kv_heads, head_dim), dtype) for _ in range(n_layers)]
-        self.values = [np.zeros((1, max_len, kv_heads, head_dim), dtype) for _ in range(n_layers)]
+        self.layout = layout
+        shape = (1, max_len, kv_heads, head_dim) if layout == "bsnh" else (1, kv_heads, max_len, head_dim)
+        self.keys = [np.zeros(shape, dtype) for _ in range(n_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(n_layers)]
         self.length = 0
 
     def reserve(self, n: int) -> None:

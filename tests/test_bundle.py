@@ -205,3 +205,15 @@ def test_partial_depth_check_for_models_larger_than_memory(tiny_checkpoints, tmp
     full = config_from_hf(family_config("molmoe-1b", "full", vocab_size=50280))
     assert check_layer_budget(full, 22 << 30) < full.n_layers       # 29 GB of fp32 weights cannot be held twice
     assert check_layer_budget(full, 1 << 40) == full.n_layers
+
+
+@pytest.mark.parametrize("family", ["molmoe-1b", "molmo-7b-o", "molmo-7b-d"])
+def test_fused_and_portable_decoders_agree(bundles, family):
+    fused, portable = Molmo.load(bundles[family]), Molmo.load(bundles[family], fused=False)
+    assert fused.backend.graphs["decoder"] == "decoder.fused" and portable.backend.graphs["decoder"] == "decoder"
+    assert fused.cache.layout == "bnsh" and portable.cache.layout == "bsnh"
+    img = _frame(seed=3)
+    inputs = fused.processor.process("Count the boxes.", img)
+    assert np.abs(fused.forward(inputs)["logits"] - portable.forward(inputs)["logits"]).max() < 1e-3
+    for prompt in ("Count the boxes.", "Point to the box."):  # second prompt: continuation over a cached prefix
+        assert fused.ask(prompt, img, max_new_tokens=6).token_ids == portable.ask(prompt, img, max_new_tokens=6).token_ids

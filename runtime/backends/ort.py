@@ -46,6 +46,7 @@ class OrtBackend:
                 raise BundleError(f"{os.path.basename(path)} cannot be loaded by onnxruntime ({first}); the file is "
                                   "damaged or from another version: re-export the bundle") from None
         self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["decoder"].get_providers() else "cpu"
+        self.kv_layout = bundle.manifest["graphs"][self.graphs["decoder"]].get("kv_layout", "bsnh-append")
 
     def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
         return self.sessions["vision"].run(["image_features"], {"images": np.ascontiguousarray(images, np.float32),
@@ -53,7 +54,8 @@ class OrtBackend:
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len or c.max_sequence_length)
+        n = min(max_len or c.max_sequence_length, c.max_sequence_length)  # RoPE tables cover max_sequence_length
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
 
     def decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
@@ -61,8 +63,21 @@ class OrtBackend:
         sess = self.sessions["decoder"]
         io = sess.io_binding()
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
         io.bind_cpu_input("logit_positions", np.ascontiguousarray(logit_positions, np.int64))
+        if self.kv_layout == "bnsh-shared":
+            # positions are implied by the cache length (RoPE inside GroupQueryAttention)
+            total = cache.length + t
+            io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+            io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+            for i in range(self.cfg.n_layers):
+                for kind, buf in (("key", cache.keys[i]), ("value", cache.values[i])):
+                    io.bind_input(f"past_{kind}.{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+                    io.bind_output(f"present_{kind}.{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            io.bind_output("logits", "cpu")
+            sess.run_with_iobinding(io)
+            cache.length += t
+            return io.get_outputs()[-1].numpy()
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
         for i in range(self.cfg.n_layers):
             pk, pv = cache.past(i)
             nk, nv = cache.slot(i, t)
