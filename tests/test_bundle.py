@@ -217,3 +217,15 @@ def test_fused_and_portable_decoders_agree(bundles, family):
     assert np.abs(fused.forward(inputs)["logits"] - portable.forward(inputs)["logits"]).max() < 1e-3
     for prompt in ("Count the boxes.", "Point to the box."):  # second prompt: continuation over a cached prefix
         assert fused.ask(prompt, img, max_new_tokens=6).token_ids == portable.ask(prompt, img, max_new_tokens=6).token_ids
+
+
+def test_bench_command_reports_every_stage(bundles):
+    from molmo_edge.runtime.bench import format_table, run_bench
+    res = run_bench(Molmo.load(bundles["molmo-7b-d"]), runs=1, decode_tokens=3)
+    s = res["stages"]
+    for k in ("preprocess_ms", "vision_ms_per_crop", "vision_ms_per_frame", "prefill_tokens_per_s", "decode_tokens_per_s",
+              "end_to_end_ms", "vision_ms_per_frame_max_crops_2"):
+        assert k in s
+    assert s["crops"] == 7 and s["crops_at_max_crops_2"] == 3  # 640x480 frame: 2x3 tiling + global view
+    assert res["machine"]["cores"] >= 1 and res["peak_rss_mib"] > 0
+    assert "decode" in format_table(res)

@@ -1,0 +1,145 @@
+"""`molmo-edge bench`: per-stage latency of a bundle on this machine, warm-up excluded, medians with
+spread. Stages: preprocess, vision (per crop and per frame, at the bundle's crops and at fewer),
+prefill tokens/s, decode tokens/s, and end to end for a 640x480 frame; plus peak memory, backend,
+precision and the machine (on Jetson: power mode and a tegrastats sample)."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    try:  # Jetson extras (power mode, tegrastats), when the helper module and the tools exist
+        from . import jetson_info
+        info.update(jetson_info.snapshot())
+    except Exception:  # noqa: BLE001 - optional: not a Jetson, or tools missing
+        pass
+    return info
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"median": round(statistics.median(s), 3), "min": round(s[0], 3), "max": round(s[-1], 3), "runs": len(s)}
+
+
+def _time(fn: Callable[[], Any], runs: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def sample_frame(h: int = 480, w: int = 640, seed: int = 0) -> np.ndarray:
+    """A deterministic 640x480 RGB frame with structure (gradients and blocks), not flat noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(x * 255 // w), (y * 255 // h), ((x + y) * 255 // (w + h))], -1).astype(np.uint8)
+    for _ in range(12):
+        y0, x0 = rng.integers(0, h - 40), rng.integers(0, w - 40)
+        img[y0:y0 + 40, x0:x0 + 40] = rng.integers(0, 256, 3)
+    return img
+
+
+def run_bench(molmo, image: Any = None, runs: int = 5, prompt: str = "Point to the red block.",
+              decode_tokens: int = 32, reduced_crops: int = 2) -> dict[str, Any]:
+    from .preprocess import load_image
+
+    rgb = load_image(image) if image is not None else sample_frame()
+    cfg = molmo.cfg
+    proc, backend = molmo.processor, molmo.backend
+    res: dict[str, Any] = {"backend": backend.name, "precision": getattr(backend, "precision", "fp32"),
+                           "graphs": getattr(backend, "graphs", {}), "device": getattr(backend, "device", "cpu"),
+                           "image": [int(rgb.shape[1]), int(rgb.shape[0])], "machine": machine_info()}
+    stages: dict[str, Any] = {}
+    crops = proc.image(rgb)
+    stages["preprocess_ms"] = stats(_time(lambda: proc.image(rgb), runs))
+    vis = _time(lambda: backend.vision(crops.images, crops.image_masks), runs)
+    stages["vision_ms_per_frame"] = stats(vis)
+    stages["vision_ms_per_crop"] = stats([v / crops.n_crops for v in vis])
+    stages["crops"] = crops.n_crops
+    if reduced_crops and reduced_crops < cfg.preprocess.max_crops:
+        small = proc.image(rgb, max_crops=reduced_crops)
+        stages[f"vision_ms_per_frame_max_crops_{reduced_crops}"] = stats(
+            _time(lambda: backend.vision(small.images, small.image_masks), runs))
+        stages[f"crops_at_max_crops_{reduced_crops}"] = small.n_crops
+    inputs = proc.process(prompt, crops=crops)
+    n_prompt = int(inputs["input_ids"].shape[0])
+    feats = backend.vision(crops.images, crops.image_masks)
+    x = molmo.embed(inputs["input_ids"].astype(np.int64), crops, feats)
+
+    def prefill():
+        cache = backend.new_cache(n_prompt + decode_tokens + 1)
+        backend.decode(x, np.arange(n_prompt)[None], cache, np.array([n_prompt - 1]))
+        return cache
+
+    pre = _time(prefill, runs)
+    stages["prefill_ms"] = stats(pre)
+    stages["prefill_tokens"] = n_prompt
+    stages["prefill_tokens_per_s"] = round(n_prompt / (statistics.median(pre) / 1e3), 2)
+
+    def decode_run() -> float:
+        cache = prefill()
+        tok = 0
+        t = time.perf_counter()
+        for i in range(decode_tokens):
+            logits = backend.decode(molmo.embed(np.array([tok])), np.array([[n_prompt + i]]), cache, np.zeros(1, np.int64))
+            tok = int(logits[0, -1].argmax())
+        return decode_tokens / (time.perf_counter() - t)
+
+    decode_run()
+    dec = [decode_run() for _ in range(max(1, runs // 2))]
+    stages["decode_tokens_per_s"] = stats(dec)
+    stages["decode_tokens"] = decode_tokens
+
+    def end_to_end():
+        molmo._images.clear()
+        molmo._prefix = None
+        molmo.ask(prompt, rgb, max_new_tokens=decode_tokens, stop=())
+
+    e2e = _time(end_to_end, max(1, runs // 2))
+    stages["end_to_end_ms"] = stats(e2e)
+    stages["preprocess_share_of_end_to_end"] = round(stages["preprocess_ms"]["median"] / statistics.median(e2e), 4)
+    res["stages"] = stages
+    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return res
+
+
+def format_table(res: dict[str, Any]) -> str:
+    s = res["stages"]
+    rows = [("preprocess", f"{s['preprocess_ms']['median']:.1f} ms"),
+            (f"vision ({s['crops']} crops)", f"{s['vision_ms_per_frame']['median']:.0f} ms/frame, "
+                                             f"{s['vision_ms_per_crop']['median']:.0f} ms/crop"),
+            ("prefill", f"{s['prefill_tokens']} tokens in {s['prefill_ms']['median']:.0f} ms "
+                        f"({s['prefill_tokens_per_s']:.1f} tokens/s)"),
+            ("decode", f"{s['decode_tokens_per_s']['median']:.2f} tokens/s "
+                       f"(min {s['decode_tokens_per_s']['min']:.2f}, max {s['decode_tokens_per_s']['max']:.2f})"),
+            ("end to end", f"{s['end_to_end_ms']['median']:.0f} ms ({s['decode_tokens']} new tokens)"),
+            ("peak memory", f"{res['peak_rss_mib']:.0f} MiB")]
+    for k, v in s.items():
+        if k.startswith("vision_ms_per_frame_max_crops_"):
+            n = k.rsplit("_", 1)[-1]
+            rows.insert(2, (f"vision (max_crops {n}: {s['crops_at_max_crops_' + n]} crops)", f"{v['median']:.0f} ms/frame"))
+    m = res["machine"]
+    head = f"{res['backend']} ({res['precision']}, {res['device']}) on {m['cpu']}, {m['cores']} cores"
+    if m.get("power_mode"):
+        head += f", power mode {m['power_mode']}"
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
