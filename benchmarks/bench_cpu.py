@@ -1,0 +1,234 @@
+"""One run, same weights, same machine: our runtime's flavours against the torch reference on
+full-width, reduced-depth random checkpoints, with decode placed on a memory-bandwidth roofline.
+
+    python benchmarks/bench_cpu.py --workdir /tmp/molmo-bench [--families molmoe-1b molmo-7b-d] [--layers 2]
+
+For each family it builds (once) a checkpoint with the real widths and `--layers` decoder layers
+(the ViT is always the full 23-block tower), exports a bundle with both decoder flavours, and times:
+- vision ms/crop: torch eager fp32 vs onnxruntime fp32 (and INT8 Q/DQ when the bundle has it);
+- prefill tokens/s and decode tokens/s: torch eager fp32 vs the portable and fused onnxruntime
+  decoders (and INT8/INT4 weight-only decoders when present);
+- the machine's streaming-copy bandwidth, and for each decoder the bytes of weights one decode
+  step reads (MoE: only the routed top-k experts) divided by the step time, as a fraction of it;
+- preprocessing's share of the end-to-end time for a 640x480 frame.
+Writes JSON (--out) and a stage-breakdown PNG (--plot) and prints markdown rows for RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+
+
+def stream_bandwidth(mib: int = 512, threads: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a multi-threaded streaming copy (read + write counted), best of `repeats`."""
+    threads = threads or os.cpu_count() or 1
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(p[0], p[-1] + 1) for p in parts]
+    best = 0.0
+    for _ in range(repeats):
+        ts = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def decode_weight_bytes(graph_path: str, cfg) -> int:
+    """Bytes of weights one decode step reads: every initializer, but of expert tensors only top_k/n_experts."""
+    import onnx
+    from onnx import numpy_helper  # noqa: F401  (import check)
+    m = onnx.load(graph_path, load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        nbytes = n * {1: 4, 10: 2, 7: 8, 6: 4, 2: 1, 3: 1, 16: 2}.get(t.data_type, 4)
+        if t.name.startswith("rope."):
+            continue  # RoPE tables: one row per step
+        if "experts" in t.name and cfg.is_moe:
+            nbytes = nbytes * cfg.moe_top_k // cfg.moe_num_experts
+        if t.name.endswith("wte.embedding"):
+            continue
+        total += nbytes
+    return total + cfg.d_model * 4  # the step's embedding row
+
+
+def _median_time(fn, runs: int) -> float:
+    fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def bench_family(family: str, layers: int, workdir: str, runs: int, prompt_tokens: int, decode_tokens: int,
+                 bandwidth: float) -> dict:
+    import torch
+
+    from molmo_edge.export.bundle import export_bundle
+    from molmo_edge.export.checkpoint import load_reference_model
+    from molmo_edge.export.synthetic import make_random_checkpoint
+    from molmo_edge.runtime.bench import run_bench
+    from molmo_edge.runtime.bundle import load_bundle
+    from molmo_edge.runtime.session import Molmo
+
+    ck = os.path.join(workdir, f"{family}-full-{layers}L")
+    bundle = ck + ".bundle"
+    if not os.path.exists(os.path.join(ck, "config.json")):
+        make_random_checkpoint(ck, family, size="full", n_layers=layers, vocab_size=50280 if family == "molmoe-1b" else 152064)
+    if not os.path.exists(os.path.join(bundle, "manifest.json")):
+        export_bundle(ck, bundle, force=True)
+    b = load_bundle(bundle)
+    cfg = b.config
+    graphs = b.manifest["graphs"]
+    rng = np.random.default_rng(0)
+    v = cfg.vision
+    images = rng.standard_normal((1, v.num_patches, v.patch_dim)).astype(np.float32)
+    masks = np.ones((1, v.num_patches), np.float32)
+    ids = rng.integers(0, 50000, prompt_tokens)
+    res: dict = {"family": family, "layers": layers, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+                 "vision_ms_per_crop": {}, "prefill_tokens_per_s": {}, "decode_tokens_per_s": {}, "decode_bandwidth_fraction": {},
+                 "decode_weight_bytes": {}}
+
+    def time_runtime(label: str, **load):
+        m = Molmo.load(bundle, **load)
+        be = m.backend
+        if label.startswith("ort-fp32") or label == "ort-int8":
+            res["vision_ms_per_crop"][label if label != "ort-fp32-portable" else "ort-fp32"] = \
+                _median_time(lambda: be.vision(images, masks), runs) * 1e3
+        x = m.embed(ids)
+
+        def prefill():
+            cache = be.new_cache(prompt_tokens + decode_tokens + 1)
+            be.decode(x, np.arange(prompt_tokens)[None], cache, np.array([prompt_tokens - 1]))
+            return cache
+
+        res["prefill_tokens_per_s"][label] = prompt_tokens / _median_time(prefill, runs)
+
+        def decode() -> float:
+            cache, tok = prefill(), 1
+            t = time.perf_counter()
+            for i in range(decode_tokens):
+                tok = int(be.decode(m.embed(np.array([tok])), np.array([[prompt_tokens + i]]), cache, np.zeros(1, np.int64))[0, -1].argmax())
+            return decode_tokens / (time.perf_counter() - t)
+
+        decode()
+        tps = statistics.median(decode() for _ in range(max(1, runs // 2)))
+        res["decode_tokens_per_s"][label] = tps
+        wbytes = decode_weight_bytes(b.graph_path(be.graphs["decoder"]), cfg)
+        res["decode_weight_bytes"][label] = wbytes
+        res["decode_bandwidth_fraction"][label] = wbytes * tps / bandwidth
+        del m
+
+    time_runtime("ort-fp32-portable", fused=False)
+    if "decoder.fused" in graphs:
+        time_runtime("ort-fp32-fused")
+    for prec in ("int8", "int4"):
+        if (prec == "int8" and "vision.int8" in graphs) or f"decoder.{prec}" in graphs:
+            time_runtime(f"ort-{prec}", precision=prec)
+    # end to end at default crops (fused fp32) and preprocessing's share
+    e2e = run_bench(Molmo.load(bundle), runs=max(2, runs // 2), decode_tokens=decode_tokens, reduced_crops=0)["stages"]
+    res["end_to_end_ms_640x480"] = e2e["end_to_end_ms"]["median"]
+    res["preprocess_ms_640x480"] = e2e["preprocess_ms"]["median"]
+    res["preprocess_share"] = e2e["preprocess_share_of_end_to_end"]
+    res["stage_ms_640x480"] = {"preprocess": e2e["preprocess_ms"]["median"], "vision": e2e["vision_ms_per_frame"]["median"],
+                               "prefill": e2e["prefill_ms"]["median"],
+                               "decode": 1e3 * decode_tokens / e2e["decode_tokens_per_s"]["median"]}
+
+    # torch reference, same weights
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, _, _ = load_reference_model(ck)
+    ti, tm, tid = torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(ids)[None]
+    with torch.no_grad():
+        res["vision_ms_per_crop"]["torch"] = _median_time(lambda: model.vision(ti, tm), runs) * 1e3
+        res["prefill_tokens_per_s"]["torch"] = prompt_tokens / _median_time(lambda: model(tid), runs)
+
+        def tdecode() -> float:
+            out = model(tid)
+            past, tok = out.past, 1
+            t = time.perf_counter()
+            for _ in range(decode_tokens):
+                step = model(torch.tensor([[tok]]), past=past)
+                past, tok = step.past, int(step.logits[0, -1].argmax())
+            return decode_tokens / (time.perf_counter() - t)
+
+        tdecode()
+        res["decode_tokens_per_s"]["torch"] = statistics.median(tdecode() for _ in range(max(1, runs // 2)))
+    del model
+    t = res["decode_tokens_per_s"]["torch"]
+    res["decode_speedup_vs_torch"] = {k: v / t for k, v in res["decode_tokens_per_s"].items() if k != "torch"}
+    res["vision_speedup_vs_ort_fp32"] = {k: res["vision_ms_per_crop"]["ort-fp32"] / v for k, v in res["vision_ms_per_crop"].items()}
+    return res
+
+
+def plot(results: list[dict], path: str) -> None:
+    """A stacked bar per family: where the 640x480 end-to-end time goes (PNG, drawn with OpenCV)."""
+    import cv2
+    colors = {"preprocess": (80, 180, 80), "vision": (200, 120, 40), "prefill": (60, 60, 200), "decode": (150, 60, 150)}
+    w, bar_h, pad = 900, 46, 20
+    img = np.full((pad * 3 + len(results) * (bar_h + pad) + 40, w, 3), 255, np.uint8)
+    longest = max(sum(r["stage_ms_640x480"].values()) for r in results)
+    scale = (w - 260) / longest
+    for i, r in enumerate(results):
+        y = pad + i * (bar_h + pad)
+        cv2.putText(img, f"{r['family']} ({r['layers']}L)", (8, y + 28), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        x = 200
+        for k, ms in r["stage_ms_640x480"].items():
+            x2 = x + max(1, int(ms * scale))
+            cv2.rectangle(img, (x, y), (x2, y + bar_h), colors[k], -1)
+            x = x2
+        cv2.putText(img, f"{sum(r['stage_ms_640x480'].values()) / 1e3:.1f} s", (x + 6, y + 28), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    x = 200
+    y = img.shape[0] - 30
+    for k, c in colors.items():
+        cv2.rectangle(img, (x, y), (x + 16, y + 16), c, -1)
+        cv2.putText(img, k, (x + 22, y + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 140
+    cv2.imwrite(path, img)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", nargs="+", default=["molmoe-1b", "molmo-7b-d"])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 1], help="decoder layers per family (in order)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--workdir", default="/tmp/molmo-bench")
+    ap.add_argument("--out", default="benchmarks/results/cpu.json")
+    ap.add_argument("--plot", default="benchmarks/results/cpu_stages.png")
+    a = ap.parse_args()
+    from molmo_edge.runtime.bench import machine_info
+
+    bw = stream_bandwidth()
+    results = []
+    for fam, layers in zip(a.families, a.layers + a.layers[-1:] * len(a.families)):
+        r = bench_family(fam, layers, a.workdir, a.runs, a.prompt_tokens, a.decode_tokens, bw)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    out = {"machine": machine_info(), "stream_copy_gb_per_s": bw / 1e9, "results": results}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+    plot(results, a.plot)
+    for r in results:
+        for k, tps in r["decode_tokens_per_s"].items():
+            print(f"| {r['family']} {r['layers']}L | {k} | {r['vision_ms_per_crop'].get(k.replace('-portable', '').replace('-fused', ''), float('nan')):.0f} | "
+                  f"{r['prefill_tokens_per_s'][k]:.1f} | {tps:.2f} | {r['decode_bandwidth_fraction'].get(k, float('nan')):.0%} |")
+
+
+if __name__ == "__main__":
+    main()
