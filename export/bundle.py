@@ -277,7 +277,7 @@ def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress, check_l
     got = results["decoder"]
     fdiff = float(np.abs(got["image_features"] - ref.image_features[0].numpy()).max())
     scale = max(1.0, float(np.abs(want).max()))
-    tol = 1e-3 if dtype == "fp32" else 5e-2 * scale  # fp16 weights: rounding of every weight, reported
+    tol = 1e-3 if dtype == "fp32" else 1e-2 * scale  # fp16 weights: every weight rounded; reported, loosely bounded
     agree = min(float((v["logits"].argmax(-1) == want.argmax(-1)).mean()) for v in results.values())
     shown = ", ".join(f"{k} {v:.2e}" for k, v in per_graph.items())
     progress(f"[export] largest logit difference {shown} (tolerance {tol:.1e}), image features {fdiff:.2e}, "

@@ -51,7 +51,7 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
     seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
     cos, sin = rope_cache(cfg, max_seq)
-    cos_c, sin_c = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
+    cos_c, sin_c = g.const(cos, np.float32), g.const(sin, np.float32)  # kept fp32 whatever the weight dtype
     pre_norm = not cfg.norm_after
 
     def norm_weight(i: int, which: str) -> tuple[str, np.ndarray]:
