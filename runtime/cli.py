@@ -237,6 +237,14 @@ def _add_module_commands(sub) -> None:
         mod.add_commands(sub)
 
 
+def add_runtime_options(s: argparse.ArgumentParser, backends: tuple[str, ...] = ("torch", "onnxruntime")) -> None:
+    """--backend and --precision, shared by every command that runs a model."""
+    s.add_argument("--backend", choices=list(backends), default=None,
+                   help=f"{' or '.join(backends)}; default: torch for checkpoints, onnxruntime for bundles")
+    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="bundle graphs to run: fp32 (default), int8 (calibrated vision + quantized decoder), int4 (decoder weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="molmo-edge", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,10 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--inputs", required=True, help=".npz from `molmo-edge preprocess`")
     s.add_argument("-o", "--output", required=True, help="where to write the .npz of logits")
-    s.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
-                   help="torch (checkpoints, the float32 reference) or onnxruntime (bundles); default: by MODEL")
-    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="bundle graphs to run: fp32 (default), int8 (calibrated vision + quantized decoder), int4 (decoder weights)")
+    add_runtime_options(s)
     s.set_defaults(fn=cmd_forward)
 
     s = sub.add_parser("ask", help="ask a question (about an image) and print the answer",
@@ -285,8 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="image file; omit for a text-only question")
     s.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
     s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (fewer = faster)")
-    s.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
-                   help="torch (checkpoints) or onnxruntime (bundles); default: by MODEL")
+    add_runtime_options(s)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
@@ -295,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlay", metavar="OUT.jpg", help="draw the answer's points on the image and save it")
     s.add_argument("--json", action="store_true",
                    help="print one JSON object per question: text, token_ids, points, count, timings (ms)")
-    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="bundle graphs to run: fp32 (default), int8 (calibrated vision + quantized decoder), int4 (decoder weights)")
     s.set_defaults(fn=cmd_ask)
 
     s = sub.add_parser("export", help="turn a checkpoint into a bundle (ONNX graphs, tokenizer, embeddings, manifest)",

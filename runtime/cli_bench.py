@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
     s.add_argument("--runs", type=int, default=5, help="timed runs per stage (default 5)")
     s.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode measurement (default 32)")
     s.add_argument("--reduced-crops", type=int, default=2, help="also time vision at this max_crops (0 to skip)")
-    s.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default=None)
-    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    from .cli import add_runtime_options
+    add_runtime_options(s, ("onnxruntime", "tensorrt"))
     s.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     s.set_defaults(fn=cmd_bench)
