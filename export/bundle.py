@@ -60,7 +60,7 @@ def _say(msg: str) -> None:
 
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
                   check: bool = True, force: bool = False, progress: Callable[[str], None] = _say,
-                  check_layers: int | None = None, fused: bool = True) -> dict:
+                  check_layers: int | None = None, fused: bool = True, trt_check: bool = True) -> dict:
     """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest.
     fused: also write "decoder.fused" (onnxruntime contrib ops), which the onnxruntime backend prefers."""
     if not 17 <= opset <= MAX_OPSET_TRT_10_3:
@@ -89,8 +89,14 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, _decoders(fused))
         if check:
             manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=2)
+        if trt_check:
+            from molmo_edge.runtime.trt_support import check_for_export
+            manifest["tensorrt_check"] = check_for_export(tmp)
+            for v, r in manifest["tensorrt_check"].items():
+                if not r["ok"]:
+                    progress(f"[export] TensorRT {v}: {r['problems'][0]} (`molmo-edge check-trt` lists all)")
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
         if os.path.exists(out):
             old = tmp + ".old"
             os.replace(out, old)
@@ -127,8 +133,10 @@ def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, pr
         "dynamic_axes": {v["name"]: {i: d for i, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs},
         "nodes": len(model.graph.node),
     }
+    info["targets"] = ["onnxruntime", "tensorrt"]
     if name == "decoder.fused":
         info["kv_layout"] = FUSED_KV_LAYOUT
+        info["targets"] = ["onnxruntime"]
     progress(f"[export]   {name}: {info['nodes']} nodes, {info['data_bytes'] / 1e6:.1f} MB weights, "
              f"{time.perf_counter() - t:.1f} s")
     return info

@@ -22,7 +22,7 @@ from molmo_edge.runtime.config import MolmoConfig
 from molmo_edge.runtime.weights import lm_head_name
 
 from .graph import GraphBuilder
-from .onnx_graphs import F32, Get
+from .onnx_graphs import F32, Get, _moe
 
 MS = "com.microsoft"
 KV_LAYOUT = "bnsh-shared"
@@ -43,7 +43,7 @@ def _skip_norm(g: GraphBuilder, y: str, x: str, w: np.ndarray, eps: float, name:
     return out[0], out[3]
 
 
-def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
+def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: bool = True) -> None:
     d, hd, nh, nkv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     max_seq = cfg.max_sequence_length
     x = g.input("inputs_embeds", F32, ["batch", "seq", d])
@@ -89,7 +89,9 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
         else:
             x = g.op("Add", [x, g.rms_norm(att, get(a + "attn_norm.weight"), cfg.norm_eps, a + "attn_norm")])
             h = x
-        if cfg.is_moe:
+        if cfg.is_moe and not moe_op:
+            y = _moe(g, cfg, h, get, f)  # the portable routed branches
+        elif cfg.is_moe:
             flat = g.op("Reshape", [h, g.const([-1, d])])
             router = g.linear(flat, get(f + "gate.weight"), None, f + "gate")
             e, inner = cfg.moe_num_experts, cfg.ffn_inner

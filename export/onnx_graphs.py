@@ -9,9 +9,10 @@ the past as a contiguous prefix; the graph returns only the new entries and the 
 them in place. Only standard ONNX ops at opset <= 20 (TensorRT 10.3 parses them).
 
 MoE: one routed branch per expert. Each expert gathers the tokens that chose it (NonZero +
-Gather), runs its SwiGLU on those rows only and scatter-adds the weighted result (ScatterND,
-reduction=add) in expert order, exactly like the HF loop. In decode (one token) every unselected
-expert gets zero rows, so its weights are never read: a step reads top_k of n_experts experts.
+Gather), runs its SwiGLU on those rows only and adds the weighted result back through a one-hot
+[N, n_e] MatMul (exact; TensorRT 10.3 has no ScatterND reduction) in expert order, like the HF
+loop. In decode (one token) every unselected expert gets zero rows, so its weights are never
+read: a step reads top_k of n_experts experts.
 """
 from __future__ import annotations
 
@@ -118,20 +119,26 @@ def _moe(g: GraphBuilder, cfg: MolmoConfig, h: str, get: Get, f: str) -> str:
     logits = g.linear(flat, get(f + "gate.weight"), None, f + "gate")
     probs = g.op("Softmax", [logits], axis=-1)
     top_w, top_i = g.op("TopK", [probs, g.const([cfg.moe_top_k])], n_out=2, axis=-1, largest=1, sorted=1)
+    n_tok = g.op("Slice", [g.op("Shape", [flat]), g.const([0]), g.const([1])])
+    token = g.op("Unsqueeze", [g.op("Range", [g.const(0), g.op("Squeeze", [n_tok, g.const([0])]), g.const(1)]), g.const([1])])
     out = g.op("Mul", [flat, g.const(0.0, np.float32)])
     zero = g.const(0.0, np.float32)
     for e in range(cfg.moe_num_experts):
         x = f"{f}experts.{e}."
         chosen = g.op("Equal", [top_i, g.const(e)])                                      # [N, k]
         weight = g.op("ReduceSum", [g.op("Where", [chosen, top_w, zero]), g.const([1])], keepdims=0)  # [N]
-        rows = g.op("NonZero", [g.op("Cast", [g.reduce("ReduceMax", g.op("Cast", [chosen], to=TensorProto.INT32), [1], 0)], to=TensorProto.BOOL)])  # [1, n_e]
-        idx = g.op("Transpose", [rows], perm=[1, 0])                                     # [n_e, 1]
-        hx = g.op("GatherND", [flat, idx])                                              # [n_e, d]
+        # NonZero over a float mask (TensorRT's NonZero takes FP32/FP16, not BOOL)
+        routed = g.reduce("ReduceMax", g.op("Cast", [chosen], to=TensorProto.FLOAT), [1], 0)
+        idx = g.op("Reshape", [g.op("NonZero", [routed]), g.const([-1])])               # [n_e] tokens routed here
+        hx = g.op("Gather", [flat, idx], axis=0)                                        # [n_e, d]
         act = g.op("Mul", [g.silu(g.linear(hx, get(x + "gate_proj.weight"), None, x + "gate_proj")),
                            g.linear(hx, get(x + "up_proj.weight"), None, x + "up_proj")])
         y = g.linear(act, get(x + "down_proj.weight"), None, x + "down_proj")
-        y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("GatherND", [weight, idx]), g.const([1])])])
-        out = g.op("ScatterND", [out, idx, y], reduction="add")
+        y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("Gather", [weight, idx], axis=0), g.const([1])])])
+        # scatter-add back as a one-hot [N, n_e] matmul: exact (x1/x0), and parseable by TensorRT 10.3,
+        # whose ScatterND accepts no reduction
+        onehot = g.op("Cast", [g.op("Equal", [token, g.op("Unsqueeze", [idx, g.const([0])])])], to=TensorProto.FLOAT)
+        out = g.op("Add", [out, g.op("MatMul", [onehot, y])])
     return g.op("Reshape", [out, g.op("Shape", [h])])
 
 

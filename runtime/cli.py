@@ -206,7 +206,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise MolmoEdgeError(f"export needs the export extra ({e.name} is missing): pip install 'molmo-edge[export]'") from None
     export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force,
-                  check_layers=a.check_layers)
+                  check_layers=a.check_layers, fused=not a.no_fused, trt_check=not a.no_trt_check)
     print(os.path.abspath(a.output))
     return 0
 
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--inputs", required=True, help=".npz from `molmo-edge preprocess`")
     s.add_argument("-o", "--output", required=True, help="where to write the .npz of logits")
-    add_runtime_options(s)
+    add_runtime_options(s, ("torch", "onnxruntime", "tensorrt"))
     s.set_defaults(fn=cmd_forward)
 
     s = sub.add_parser("ask", help="ask a question (about an image) and print the answer",
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="image file; omit for a text-only question")
     s.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
     s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (fewer = faster)")
-    add_runtime_options(s)
+    add_runtime_options(s, ("torch", "onnxruntime", "tensorrt"))
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-layers", type=int, default=None,
                    help="check only the first N decoder layers (default: as many as fit in memory, all for most models)")
     s.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
+    s.add_argument("--no-fused", action="store_true",
+                   help="skip decoder.fused (onnxruntime contrib ops); saves disk when only TensorRT will run the bundle")
+    s.add_argument("--no-trt-check", action="store_true", help="skip checking the graphs against TensorRT 10.3/10.13 op support")
     s.set_defaults(fn=cmd_export)
     _add_module_commands(sub)
     return p

@@ -102,7 +102,9 @@ def test_decode_reads_only_routed_experts(bundles):
     ops = [n.op_type for n in model.graph.node]
     cfg = b.config
     assert ops.count("NonZero") == cfg.n_layers * cfg.moe_num_experts
-    assert ops.count("ScatterND") == cfg.n_layers * cfg.moe_num_experts
+    assert "ScatterND" not in ops  # TensorRT 10.3 rejects ScatterND reductions
+    man = b.manifest["tensorrt_check"]
+    assert man["10.3"]["ok"] and man["10.13"]["ok"], man
 
 
 def test_bundle_errors(bundles, tmp_path):

@@ -9,11 +9,14 @@ from __future__ import annotations
 from ..bundle import Bundle
 from ..errors import MolmoEdgeError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def open_backend(bundle: Bundle, name: str = "onnxruntime", **options):
     if name == "onnxruntime":
         from .ort import OrtBackend
         return OrtBackend(bundle, **options)
+    if name == "tensorrt":
+        from .trt import TrtBackend
+        return TrtBackend(bundle, **options)
     raise MolmoEdgeError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,300 @@
+"""`molmo-edge plan BUNDLE --device ...`: will this model fit a Jetson, and how fast can it be at best?
+
+Memory (GiB; the module's DRAM is shared by CPU and GPU): weights per precision (vision engine,
+decoder), KV cache at the maximum sequence (float32, what the decoder graph's I/O is), activations
+at the maximum crops and prefill (what TensorRT sizes its context memory for, the largest profile),
+I/O buffers, the builder workspace, the OS reserve and the CUDA/TensorRT runtime. The token
+embedding table is memory-mapped from the bundle and only its used rows become resident, so it is
+listed but not counted.
+
+Latency floors are lower bounds: max(bytes moved / DRAM bandwidth, FLOPs / dense tensor throughput)
+per stage, with the device figures of runtime/devices.py. Real engines land above them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .config import MolmoConfig
+from .devices import DeviceSpec
+from .engine_cache import DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill
+from .errors import MolmoEdgeError
+from .weights import block_weight_shapes, llm_weight_shapes, vision_weight_shapes
+
+GiB = 2 ** 30
+PLAN_PRECISIONS = ("fp16", "int8", "int4")
+# what each plan precision means for (vision, decoder weights), and how it runs today
+PRECISION_PARTS = {"fp16": ("fp16", "fp16"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
+PRECISION_RUNS_ON = {
+    "fp16": "TensorRT engines (molmo-edge build --precision fp16)",
+    "int8": "TensorRT INT8 vision engine; INT8 weight-only decoder on onnxruntime (decoder.int8) until the TensorRT plugin lands",
+    "int4": "TensorRT INT8 vision engine; INT4 MatMulNBits decoder on onnxruntime (decoder.int4) until the TensorRT plugin lands",
+}
+ACT_BYTES = 2       # fp16 activations inside the engines
+KV_BYTES = 4        # the decoder graph's K/V I/O is float32
+INT4_BLOCK = 32     # weight-only INT4: one fp16 scale per 32 weights
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _is_matrix(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and min(shape) > 1
+
+
+def weight_bytes(shapes: dict[str, tuple[int, ...]], precision: str) -> int:
+    """Bytes of a set of weights: matrices at the precision (plus scales), everything else fp16."""
+    total = 0
+    for s in shapes.values():
+        n = _numel(s)
+        if not _is_matrix(s) or precision == "fp16":
+            total += 2 * n
+        elif precision == "int8":
+            total += n + 2 * s[0]                  # per-output-channel fp16 scale
+        elif precision == "int4":
+            total += n // 2 + 2 * (n // INT4_BLOCK)
+        elif precision == "fp32":
+            total += 4 * n
+        else:
+            raise MolmoEdgeError(f"unknown precision {precision!r}; choose one of {', '.join(PLAN_PRECISIONS)}")
+    return total
+
+
+def vision_shapes_used(cfg: MolmoConfig) -> dict[str, tuple[int, ...]]:
+    """The vision weights the vision graph holds: ViT blocks up to the deepest feature layer, the connector."""
+    deepest = max(layer % cfg.vision.layers for layer in cfg.vit_layers)
+    out = {}
+    for k, s in vision_weight_shapes(cfg).items():
+        if ".resblocks." in k and int(k.split(".resblocks.")[1].split(".")[0]) > deepest:
+            continue
+        out[k] = s
+    return out
+
+
+def decoder_shapes(cfg: MolmoConfig) -> dict[str, tuple[int, ...]]:
+    """The decoder graph's weights: every LLM tensor but the embedding table (bundle embeddings.npy)."""
+    return {k: s for k, s in llm_weight_shapes(cfg).items() if ".wte." not in k}
+
+
+def expert_shapes(cfg: MolmoConfig) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for i in range(cfg.n_layers):
+        out.update({k: s for k, s in block_weight_shapes(cfg, i).items() if ".experts." in k})
+    return out
+
+
+@dataclass
+class PlanSettings:
+    precision: str = "fp16"
+    max_crops: int = 12
+    max_seq: int = 4096
+    workspace_mb: int = 1024
+    super_mode: bool = False
+    max_extend: int = DEFAULT_MAX_EXTEND
+    max_logits: int = DEFAULT_MAX_LOGITS
+
+
+@dataclass
+class Plan:
+    device: str
+    settings: dict[str, Any]
+    memory_gib: dict[str, float]          # item -> GiB (counted)
+    info_gib: dict[str, float]            # listed, not counted (mapped embeddings)
+    total_gib: float
+    module_gib: float                     # the module's DRAM
+    available_gib: float                  # module memory - OS reserve - runtime overhead
+    fits: bool
+    floors_ms: dict[str, float]
+    decode_tokens_per_s_ceiling: float
+    runs_on: str
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def activation_bytes(cfg: MolmoConfig, s: PlanSettings) -> dict[str, int]:
+    """Peak live intermediates of each engine at its largest profile (fp16), a coarse upper estimate."""
+    v = cfg.vision
+    n, L, W, H, M = s.max_crops + 1, v.num_pos, v.width, v.heads, v.mlp_dim
+    attn = n * L * W * 5 + n * H * L * L
+    mlp = n * L * (2 * W + M)
+    feats = n * L * W * len(cfg.vit_layers)
+    vision = ACT_BYTES * (max(attn, mlp) + feats)
+
+    profiles = decoder_profiles(cfg, s.max_seq, s.max_crops, s.max_extend, s.max_logits)
+    best = 0
+    for p in profiles:
+        t = p.shapes["inputs_embeds"].max[1]
+        past = p.shapes["past_key.0"].max[1]
+        k = p.shapes["logit_positions"].max[0]
+        S = past + t
+        per_layer = (t * cfg.d_model * 3 + t * (cfg.q_dim + 2 * cfg.kv_dim) + 2 * cfg.n_heads * t * S
+                     + (t * cfg.moe_top_k * cfg.ffn_inner * 2 + t * cfg.moe_top_k * cfg.d_model if cfg.is_moe
+                        else t * cfg.ffn_hidden * 2))
+        kv_concat = 2 * S * cfg.kv_dim * KV_BYTES
+        logits = k * cfg.embedding_size * 4
+        best = max(best, ACT_BYTES * per_layer + kv_concat + logits)
+    return {"vision": vision, "decoder": best}
+
+
+def io_bytes(cfg: MolmoConfig, s: PlanSettings) -> int:
+    v = cfg.vision
+    n = s.max_crops + 1
+    vision = 4 * n * (v.num_patches * v.patch_dim + v.num_patches + cfg.tokens_per_crop * cfg.d_model)
+    mx = profile_max(decoder_profiles(cfg, s.max_seq, s.max_crops, s.max_extend, s.max_logits))
+    t, k = mx["inputs_embeds"][1], mx["logit_positions"][0]
+    return vision + 4 * t * cfg.d_model + 8 * t + 8 * k + 4 * k * cfg.embedding_size
+
+
+def memory(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> tuple[dict[str, float], dict[str, float]]:
+    vp, dp = PRECISION_PARTS[s.precision]
+    act = activation_bytes(cfg, s)
+    items = {
+        f"vision weights ({vp})": weight_bytes(vision_shapes_used(cfg), vp),
+        f"decoder weights ({dp})": weight_bytes(decoder_shapes(cfg), dp),
+        f"KV cache ({s.max_seq} tokens, fp32)": 2 * cfg.n_layers * s.max_seq * cfg.kv_dim * KV_BYTES,
+        f"vision activations ({s.max_crops + 1} crops)": act["vision"],
+        "decoder activations (largest profile)": act["decoder"],
+        "I/O buffers": io_bytes(cfg, s),
+        f"builder workspace ({s.workspace_mb} MB)": s.workspace_mb * 2**20,
+        "OS reserve (assumed)": dev.os_reserve_gb * GiB,
+        "CUDA/TensorRT runtime (assumed)": dev.runtime_overhead_gb * GiB,
+    }
+    emb = (cfg.embedding_size + cfg.additional_vocab_size) * cfg.d_model * 2
+    return ({k: round(v / GiB, 3) for k, v in items.items()},
+            {"token embeddings (memory-mapped fp16, used rows only)": round(emb / GiB, 3)})
+
+
+def floors(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> dict[str, float]:
+    """Lower bounds in ms: vision per frame at max crops, image prefill (640x480 frame), one decode step."""
+    vp, dp = PRECISION_PARTS[s.precision]
+    bw = dev.bandwidth_gbs * 1e9
+    fp16 = dev.fp16_tflops * 1e12
+    mm_vision = dev.int8_tops * 1e12 if vp == "int8" else fp16
+    v = cfg.vision
+    n, L = s.max_crops + 1, v.num_pos
+    vshapes = vision_shapes_used(cfg)
+    vit_mm = sum(_numel(sh) for k, sh in vshapes.items() if _is_matrix(sh) and ".resblocks." in k)
+    blocks = max(layer % v.layers for layer in cfg.vit_layers) + 1
+    conn_mm = sum(_numel(sh) for k, sh in vshapes.items() if _is_matrix(sh) and ".image_vit." not in k)
+    v_flops = n * (2 * vit_mm * L + 4 * blocks * L * L * v.heads * v.head_dim + 2 * conn_mm * cfg.tokens_per_crop)
+    vision = max(weight_bytes(vshapes, vp) / bw, v_flops / mm_vision)
+
+    t = min(typical_prefill(cfg, s.max_crops), s.max_seq)
+    dshapes = decoder_shapes(cfg)
+    exp = expert_shapes(cfg)
+    dense = {k: sh for k, sh in dshapes.items() if k not in exp}
+    dense_mm = sum(_numel(sh) for sh in dense.values() if _is_matrix(sh))
+    exp_params = sum(_numel(sh) for sh in exp.values())
+    active_exp = exp_params * (cfg.moe_top_k / cfg.moe_num_experts) if cfg.is_moe else 0
+    touched = min(1.0, t * cfg.moe_top_k / cfg.moe_num_experts) if cfg.is_moe else 0
+    p_bytes = weight_bytes(dense, dp) + touched * weight_bytes(exp, dp) + 2 * cfg.n_layers * t * cfg.kv_dim * KV_BYTES
+    p_flops = 2 * t * (dense_mm + active_exp) + 2 * cfg.n_layers * t * t * cfg.q_dim
+    prefill = max(p_bytes / bw, p_flops / fp16)
+
+    past = t
+    frac = cfg.moe_top_k / cfg.moe_num_experts if cfg.is_moe else 0.0
+    d_bytes = (weight_bytes(dense, dp) + frac * weight_bytes(exp, dp)
+               + 2 * cfg.n_layers * past * cfg.kv_dim * KV_BYTES)
+    d_flops = 2 * (dense_mm + active_exp) + 4 * cfg.n_layers * past * cfg.q_dim
+    decode = max(d_bytes / bw, d_flops / fp16)
+    return {"vision_per_frame": round(vision * 1e3, 2), "image_prefill": round(prefill * 1e3, 2),
+            "decode_per_token": round(decode * 1e3, 3), "prefill_tokens": t}
+
+
+def _total(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> float:
+    return round(sum(memory(cfg, s, dev)[0].values()), 3)
+
+
+_CROP_STEPS = (12, 9, 6, 4, 2, 1)
+_SEQ_STEPS = (4096, 2048, 1024, 512)
+_PREC_STEPS = ("fp16", "int8", "int4")
+
+
+def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings) -> Plan:
+    if s.precision not in PLAN_PRECISIONS:
+        raise MolmoEdgeError(f"--precision {s.precision} is not one of {', '.join(PLAN_PRECISIONS)}")
+    if s.max_seq > cfg.max_sequence_length:
+        raise MolmoEdgeError(f"--max-seq {s.max_seq} exceeds the model's context {cfg.max_sequence_length}")
+    d = dev.at(s.super_mode)
+    mem, info = memory(cfg, s, d)
+    total = round(sum(mem.values()), 3)
+    fits = total <= d.memory_gb
+    fl = floors(cfg, s, d)
+    plan = Plan(device=d.name, settings=asdict(s), memory_gib=mem, info_gib=info, total_gib=total, module_gib=d.memory_gb,
+                available_gib=round(d.memory_gb - d.os_reserve_gb - d.runtime_overhead_gb, 3), fits=fits,
+                floors_ms={k: v for k, v in fl.items() if k != "prefill_tokens"},
+                decode_tokens_per_s_ceiling=round(1e3 / fl["decode_per_token"], 1), runs_on=PRECISION_RUNS_ON[s.precision])
+    plan.notes.append(f"image prefill floor is for a 640x480 frame at {s.max_crops} crops ({fl['prefill_tokens']} tokens); "
+                      "decode floor at that context")
+    if cfg.is_moe:
+        plan.notes.append("MoE: every expert's weights are resident; a decode step reads only top-k of them "
+                          "(routed NonZero/Gather branches; TensorRT's handling of those data-dependent shapes is "
+                          "unverified on a device)")
+    if not fits:
+        plan.suggestions = suggest(cfg, d, s)
+    return plan
+
+
+def suggest(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, limit: int = 4) -> list[dict[str, Any]]:
+    """Smallest changes that make it fit: one knob first (precision, then crops, then max sequence), then pairs,
+    then all three; each with its total."""
+    prec = [p for p in _PREC_STEPS[_PREC_STEPS.index(s.precision) + 1:]]
+    crops = [c for c in _CROP_STEPS if c < s.max_crops]
+    seqs = [q for q in _SEQ_STEPS if q < s.max_seq]
+    cands: list[PlanSettings] = []
+    cands += [replace(s, precision=p) for p in prec]
+    cands += [replace(s, max_crops=c) for c in crops]
+    cands += [replace(s, max_seq=q) for q in seqs]
+    cands += [replace(s, precision=p, max_crops=c) for p in prec for c in crops]
+    cands += [replace(s, precision=p, max_seq=q) for p in prec for q in seqs]
+    cands += [replace(s, max_crops=c, max_seq=q) for c in crops for q in seqs]
+    cands += [replace(s, precision=p, max_crops=c, max_seq=q) for p in prec for c in crops for q in seqs]
+    out: list[dict[str, Any]] = []
+    for c in cands:
+        total = _total(cfg, c, dev)
+        if total <= dev.memory_gb:
+            change = {k: v for k, v in asdict(c).items() if asdict(s)[k] != v}
+            if any(all(prev["change"].get(k) == v for k, v in prev["change"].items()) and set(prev["change"]) <= set(change)
+                   for prev in out):
+                continue  # a smaller change already fits
+            out.append({"change": change, "total_gib": total})
+            if len(out) >= limit:
+                break
+    return out
+
+
+def format_plan(p: Plan) -> str:
+    lines = [f"{p.device}: precision {p.settings['precision']}, max crops {p.settings['max_crops']}, "
+             f"max sequence {p.settings['max_seq']}, workspace {p.settings['workspace_mb']} MB", "", "memory (GiB)"]
+    for k, v in p.memory_gib.items():
+        lines.append(f"  {k:<48} {v:8.2f}")
+    lines.append(f"  {'total':<48} {p.total_gib:8.2f}")
+    for k, v in p.info_gib.items():
+        lines.append(f"  ({k}: {v:.2f}, not counted)")
+    mem = p.total_gib
+    if p.fits:
+        lines.append(f"FITS: {mem:.2f} GiB with the OS reserve and runtime, of the module's {p.module_gib:.2f} GiB "
+                     f"({p.module_gib - mem:.2f} GiB spare)")
+    else:
+        lines.append(f"DOES NOT FIT: needs {mem:.2f} GiB with the OS reserve and runtime, the module has "
+                     f"{p.module_gib:.2f} GiB")
+        if p.suggestions:
+            lines.append("fits with:")
+            for sgg in p.suggestions:
+                knobs = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in sgg["change"].items())
+                lines.append(f"  {knobs}  ({sgg['total_gib']:.2f} GiB)")
+        else:
+            lines.append("no combination of precision, crops and max sequence fits this device: choose a larger one")
+    lines += ["", "latency floors (lower bounds; real engines are slower)"]
+    for k, v in p.floors_ms.items():
+        lines.append(f"  {k.replace('_', ' '):<32} {v:10.2f} ms")
+    lines.append(f"  decode ceiling                   {p.decode_tokens_per_s_ceiling:10.1f} tokens/s")
+    lines += ["", f"runs on: {p.runs_on}"] + [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)

@@ -1,0 +1,770 @@
+"""`molmo-edge check-trt`: will TensorRT's ONNX parser take this bundle's graphs?
+
+Every node, value type and attribute of a graph is checked against the ONNX operator table of a
+TensorRT release (onnx-tensorrt docs/operators.md, kept as data in runtime/static/trt_ops_<ver>.json
+with its provenance), plus the opset, IR-version and external-data rules. Runs anywhere: the ONNX
+protobuf is read by the small reader below (no onnx, no TensorRT, no GPU needed), and external
+weights are never loaded, only their references checked.
+
+Each problem names the graph, the node (its name, or `#index` when unnamed), the operator, the
+rule and a fix. Problems of severity "error" make the parser fail or the engine wrong; "warning"s
+parse but behave differently from onnxruntime (DOUBLE cast down, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+from .errors import MolmoEdgeError
+
+TRT_VERSIONS = ("10.3", "10.13")
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PROTOBUF_LIMIT = 2 ** 31 - 1  # a .onnx file (graph + inline tensors) must stay below 2 GiB
+
+
+class TrtCheckError(MolmoEdgeError):
+    """A graph cannot be checked (unreadable file, unknown TensorRT version)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# A minimal reader of the ONNX protobuf (only the fields the checks need)
+# ---------------------------------------------------------------------------------------------
+# onnx.proto TensorProto.DataType -> operators.md type names (None: TensorRT has no such type)
+ONNX_TYPES: dict[int, str] = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
+                              8: "STRING", 9: "BOOL", 10: "FP16", 11: "DOUBLE", 12: "UINT32", 13: "UINT64",
+                              14: "COMPLEX64", 15: "COMPLEX128", 16: "BF16", 17: "FP8", 18: "FP8E4M3FNUZ",
+                              19: "FP8E5M2", 20: "FP8E5M2FNUZ", 21: "UINT4", 22: "INT4", 23: "FP4"}
+_ELEM_BITS = {"FP32": 32, "UINT8": 8, "INT8": 8, "UINT16": 16, "INT16": 16, "INT32": 32, "INT64": 64, "BOOL": 8,
+              "FP16": 16, "DOUBLE": 64, "UINT32": 32, "UINT64": 64, "COMPLEX64": 64, "COMPLEX128": 128, "BF16": 16,
+              "FP8": 8, "FP8E4M3FNUZ": 8, "FP8E5M2": 8, "FP8E5M2FNUZ": 8, "UINT4": 4, "INT4": 4, "FP4": 4}
+_STRUCT = {"FP32": "f", "DOUBLE": "d", "INT8": "b", "UINT8": "B", "INT16": "h", "UINT16": "H", "INT32": "i",
+           "INT64": "q", "UINT32": "I", "UINT64": "Q", "BOOL": "?"}
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 70:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value): ints for varint/fixed, memoryview slices for length-delimited."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            val, pos = _varint(buf, pos)
+        elif wire == 1:
+            val = buf[pos:pos + 8]
+            pos += 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            val = buf[pos:pos + n]
+            pos += n
+        elif wire == 5:
+            val = buf[pos:pos + 4]
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated protobuf message")
+        yield num, wire, val
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _ints(wire: int, val: Any) -> list[int]:
+    """A repeated int64 field element: one varint, or a packed run of them."""
+    if wire == 0:
+        return [_signed(val)]
+    out, pos = [], 0
+    while pos < len(val):
+        v, pos = _varint(val, pos)
+        out.append(_signed(v))
+    return out
+
+
+def _str(val: memoryview) -> str:
+    return bytes(val).decode("utf-8", errors="replace")
+
+
+@dataclass
+class Tensor:
+    name: str
+    dtype: str | None
+    dims: list[int]
+    external: dict[str, str] | None = None   # external_data key -> value when data_location == EXTERNAL
+    raw: bytes | None = None                 # raw_data when inline
+    typed: list[Any] = field(default_factory=list)  # int32_data/int64_data/float_data when inline
+
+    def values(self) -> list[Any] | None:
+        """The tensor's values when inline and numeric (for small constants: axes, K, zero points)."""
+        if self.external is not None:
+            return None
+        if self.raw is not None and self.dtype in _STRUCT:
+            fmt = "<" + _STRUCT[self.dtype] * (len(self.raw) // struct.calcsize(_STRUCT[self.dtype]))
+            return list(struct.unpack(fmt, self.raw))
+        if self.raw is not None and self.dtype in ("FP16",):
+            return [struct.unpack("<e", self.raw[i:i + 2])[0] for i in range(0, len(self.raw), 2)]
+        return list(self.typed) if self.typed else ([] if self.raw is not None else None)
+
+    @property
+    def nbytes(self) -> int | None:
+        bits = _ELEM_BITS.get(self.dtype or "")
+        if bits is None:
+            return None
+        n = 1
+        for d in self.dims:
+            n *= d
+        return (n * bits + 7) // 8
+
+
+@dataclass
+class Attribute:
+    name: str
+    kind: int                       # AttributeProto.AttributeType
+    value: Any                      # float, int, str, Tensor, Graph, or a list of these
+
+
+@dataclass
+class Node:
+    op_type: str
+    name: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Attribute]
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        a = self.attrs.get(name)
+        return default if a is None else a.value
+
+
+@dataclass
+class ValueInfo:
+    name: str
+    dtype: str | None
+    shape: list[int | str] | None
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: list[Node]
+    initializers: dict[str, Tensor]
+    inputs: list[ValueInfo]
+    outputs: list[ValueInfo]
+    value_info: list[ValueInfo]
+
+
+@dataclass
+class Model:
+    ir_version: int
+    opsets: dict[str, int]
+    graph: Graph
+    path: str = ""
+    file_bytes: int = 0
+
+
+def _tensor(buf: memoryview) -> Tensor:
+    t = Tensor(name="", dtype=None, dims=[])
+    location = 0
+    ext: dict[str, str] = {}
+    for num, wire, val in _fields(buf):
+        if num == 1:
+            t.dims += _ints(wire, val)
+        elif num == 2:
+            t.dtype = ONNX_TYPES.get(val, f"type{val}")
+        elif num == 8:
+            t.name = _str(val)
+        elif num == 9:
+            t.raw = bytes(val)
+        elif num in (5, 7):  # int32_data, int64_data (packed varints)
+            t.typed += _ints(wire, val)
+        elif num == 4:  # float_data (packed fixed32)
+            if wire == 5:
+                t.typed.append(struct.unpack("<f", val)[0])
+            else:
+                t.typed += list(struct.unpack(f"<{len(val) // 4}f", val))
+        elif num == 13:
+            k = v = ""
+            for n2, _, v2 in _fields(val):
+                if n2 == 1:
+                    k = _str(v2)
+                elif n2 == 2:
+                    v = _str(v2)
+            ext[k] = v
+        elif num == 14:
+            location = val
+    if location == 1:
+        t.external = ext
+    if t.dtype in ("INT32", "INT8", "UINT8", "INT16", "UINT16", "BOOL") and t.typed:
+        t.typed = [((x + 2 ** 31) % 2 ** 32) - 2 ** 31 for x in t.typed]  # int32_data holds sign-extended varints
+    return t
+
+
+def _value_info(buf: memoryview) -> ValueInfo:
+    name, dtype, shape = "", None, None
+    for num, _, val in _fields(buf):
+        if num == 1:
+            name = _str(val)
+        elif num == 2:
+            for n2, _, v2 in _fields(val):
+                if n2 == 1:  # tensor_type
+                    for n3, _, v3 in _fields(v2):
+                        if n3 == 1:
+                            dtype = ONNX_TYPES.get(v3, f"type{v3}")
+                        elif n3 == 2:
+                            shape = []
+                            for n4, _, v4 in _fields(v3):
+                                if n4 == 1:
+                                    dim: int | str = "?"
+                                    for n5, _, v5 in _fields(v4):
+                                        dim = _signed(v5) if n5 == 1 else (_str(v5) if n5 == 2 else dim)
+                                    shape.append(dim)
+    return ValueInfo(name, dtype, shape)
+
+
+def _attribute(buf: memoryview) -> Attribute:
+    name, kind = "", 0
+    scalars: dict[int, Any] = {}
+    lists: dict[int, list[Any]] = {}
+    for num, wire, val in _fields(buf):
+        if num == 1:
+            name = _str(val)
+        elif num == 20:
+            kind = val
+        elif num == 2:
+            scalars[2] = struct.unpack("<f", val)[0]
+        elif num == 3:
+            scalars[3] = _signed(val)
+        elif num == 4:
+            scalars[4] = _str(val)
+        elif num == 5:
+            scalars[5] = _tensor(val)
+        elif num == 6:
+            scalars[6] = _graph(val)
+        elif num == 22:
+            scalars[22] = "sparse tensor"
+        elif num == 7:
+            lists.setdefault(7, []).extend([struct.unpack("<f", val)[0]] if wire == 5 else
+                                           list(struct.unpack(f"<{len(val) // 4}f", val)))
+        elif num == 8:
+            lists.setdefault(8, []).extend(_ints(wire, val))
+        elif num == 9:
+            lists.setdefault(9, []).append(_str(val))
+        elif num == 10:
+            lists.setdefault(10, []).append(_tensor(val))
+        elif num == 11:
+            lists.setdefault(11, []).append(_graph(val))
+    by_kind = {1: scalars.get(2, 0.0), 2: scalars.get(3, 0), 3: scalars.get(4, ""), 4: scalars.get(5), 5: scalars.get(6),
+               6: lists.get(7, []), 7: lists.get(8, []), 8: lists.get(9, []), 9: lists.get(10, []), 10: lists.get(11, []),
+               11: scalars.get(22)}
+    if kind == 0:  # old writers leave `type` unset: take whichever field is present
+        for k, v in ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6)):
+            if v in scalars:
+                kind = k
+        for k, v in ((6, 7), (7, 8), (8, 9), (9, 10), (10, 11)):
+            if v in lists:
+                kind = k
+    return Attribute(name, kind, by_kind.get(kind))
+
+
+def _node(buf: memoryview) -> Node:
+    n = Node("", "", "", [], [], {})
+    for num, _, val in _fields(buf):
+        if num == 1:
+            n.inputs.append(_str(val))
+        elif num == 2:
+            n.outputs.append(_str(val))
+        elif num == 3:
+            n.name = _str(val)
+        elif num == 4:
+            n.op_type = _str(val)
+        elif num == 7:
+            n.domain = _str(val)
+        elif num == 5:
+            a = _attribute(val)
+            n.attrs[a.name] = a
+    return n
+
+
+def _graph(buf: memoryview) -> Graph:
+    g = Graph("", [], {}, [], [], [])
+    for num, _, val in _fields(buf):
+        if num == 1:
+            g.nodes.append(_node(val))
+        elif num == 2:
+            g.name = _str(val)
+        elif num == 5:
+            t = _tensor(val)
+            g.initializers[t.name] = t
+        elif num == 11:
+            g.inputs.append(_value_info(val))
+        elif num == 12:
+            g.outputs.append(_value_info(val))
+        elif num == 13:
+            g.value_info.append(_value_info(val))
+    return g
+
+
+def read_onnx(path: str) -> Model:
+    """Parse an .onnx file's graph (never its external weights)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TrtCheckError(f"cannot read {path} ({e.strerror}); check the path or re-export the bundle") from None
+    try:
+        ir, opsets, graph = 0, {}, None
+        for num, _, val in _fields(memoryview(data)):
+            if num == 1:
+                ir = val
+            elif num == 8:
+                dom, ver = "", 0
+                for n2, _, v2 in _fields(val):
+                    if n2 == 1:
+                        dom = _str(v2)
+                    elif n2 == 2:
+                        ver = v2
+                opsets[dom] = ver
+            elif num == 7:
+                graph = _graph(val)
+    except (ValueError, IndexError, struct.error) as e:
+        raise TrtCheckError(f"{path} is not a readable ONNX model ({e}); re-export the bundle") from None
+    if graph is None:
+        raise TrtCheckError(f"{path} has no graph: it is not an ONNX model; re-export the bundle")
+    return Model(ir, opsets, graph, path, len(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator tables
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class OpTable:
+    tensorrt: str
+    opset_min: int
+    opset_max: int
+    ir_version_max: int
+    types: set[str]
+    ops: dict[str, dict[str, Any]]
+    rules: dict[str, list[dict[str, Any]]]
+    source: str
+
+
+def normalize_trt_version(version: str) -> str:
+    """'10.3.0.30' / '10.3' -> '10.3'; raises for releases without a table."""
+    parts = str(version).strip().split(".")
+    short = ".".join(parts[:2])
+    if short not in TRT_VERSIONS:
+        raise TrtCheckError(f"no ONNX operator table for TensorRT {version}; check-trt knows {', '.join(TRT_VERSIONS)} "
+                            "(JetPack 6.x ships 10.3, JetPack 7.0/7.1 ship 10.13): pass --trt 10.3 or --trt 10.13")
+    return short
+
+
+def load_table(version: str = "10.3") -> OpTable:
+    v = normalize_trt_version(version)
+    path = os.path.join(STATIC, f"trt_ops_{v}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrtCheckError(f"{path} is missing or damaged ({e}); reinstall molmo-edge") from None
+    return OpTable(d["tensorrt"], d["opset_min"], d["opset_max"], d["ir_version_max"], set(d["onnx_types_supported"]),
+                   d["ops"], d["rules"], d["source"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Type inference (enough for the ops of our graphs and the common standard ops)
+# ---------------------------------------------------------------------------------------------
+_BOOL_OUT = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
+_INT64_OUT = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
+
+
+def _node_output_types(node: Node, types: dict[str, str | None]) -> list[str | None]:
+    ins = [types.get(i) if i else None for i in node.inputs]
+    first = next((t for t in ins if t), None)
+    op = node.op_type
+    n = len(node.outputs)
+    if op == "Cast":
+        return [ONNX_TYPES.get(node.attr("to", 0))] * n
+    if op == "CastLike":
+        return [ins[1] if len(ins) > 1 else None] * n
+    if op in _BOOL_OUT:
+        return ["BOOL"] * n
+    if op in _INT64_OUT:
+        return ["INT64"] * n
+    if op == "TopK":
+        return [ins[0] if ins else None, "INT64"][:n]
+    if op == "MaxPool":
+        return [ins[0] if ins else None, "INT64"][:n]
+    if op == "Constant":
+        for key, dt in (("value", None), ("value_float", "FP32"), ("value_floats", "FP32"), ("value_int", "INT64"),
+                        ("value_ints", "INT64")):
+            if key in node.attrs:
+                return [node.attrs[key].value.dtype if dt is None else dt]
+        return [None]
+    if op == "ConstantOfShape":
+        t = node.attr("value")
+        return [t.dtype if isinstance(t, Tensor) else "FP32"]
+    if op == "Where":
+        return [ins[1] if len(ins) > 1 else None] * n
+    if op == "QuantizeLinear":
+        zp = ins[2] if len(ins) > 2 else None
+        return [zp or ONNX_TYPES.get(node.attr("output_dtype", 0)) or "UINT8"] * n
+    if op == "DequantizeLinear":
+        return [ins[1] if len(ins) > 1 else "FP32"] * n
+    if op in ("RandomNormal", "RandomUniform", "EyeLike", "RandomNormalLike", "RandomUniformLike"):
+        dt = node.attr("dtype")
+        return [ONNX_TYPES.get(dt) if dt is not None else (first or "FP32")] * n
+    if op in ("If", "Loop", "Scan"):
+        return [None] * n
+    return [first] * n
+
+
+def infer_types(graph: Graph, outer: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    types: dict[str, str | None] = dict(outer or {})
+    types.update({v.name: v.dtype for v in graph.inputs})
+    types.update({t.name: t.dtype for t in graph.initializers.values()})
+    types.update({v.name: v.dtype for v in graph.value_info if v.dtype})
+    for node in graph.nodes:
+        for name, t in zip(node.outputs, _node_output_types(node, types)):
+            if name and types.get(name) is None:
+                types[name] = t
+    return types
+
+
+def constant_values(graph: Graph, foldable: bool) -> set[str]:
+    """Names whose values are known at build time: initializers and Constant outputs (strict), plus, when
+    `foldable`, outputs of deterministic nodes whose inputs are all known (what TensorRT folds)."""
+    known = set(graph.initializers)
+    for node in graph.nodes:
+        if node.op_type == "Constant":
+            known.update(node.outputs)
+        elif foldable and node.inputs and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike",
+                                                                "RandomUniformLike", "Multinomial", "Bernoulli") \
+                and all((not i) or i in known for i in node.inputs):
+            known.update(node.outputs)
+    return known
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    graph: str          # bundle graph key ("decoder") or file name
+    node: str           # node name, "#<index>" when unnamed, or "" for graph-level problems
+    op: str
+    rule: str           # opset | ir_version | unsupported_op | custom_op | dtype | attribute | const_input | outputs |
+                        # zero_point | external_data | file_size
+    message: str
+    fix: str = ""
+    severity: str = "error"
+
+    def line(self) -> str:
+        where = f"node {self.node} ({self.op})" if self.node else (self.op or "graph")
+        fix = f"; fix: {self.fix}" if self.fix else ""
+        return f"{self.graph}: {where}: {self.message}{fix}"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _typed_inputs(op: str, n_inputs: int) -> list[int]:
+    """Which inputs carry the type the table's 'Supported Types' column refers to."""
+    if op in ("Where",):
+        return [1, 2][: max(0, n_inputs - 1)]
+    if op in ("Concat", "Sum", "Max", "Min", "Mean", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+              "And", "Or", "Xor", "Add", "Sub", "Mul", "Div"):
+        return list(range(n_inputs))
+    if op in ("Constant", "ConstantOfShape", "RandomNormal", "RandomUniform", "BlackmanWindow", "HammingWindow",
+              "HannWindow"):
+        return []  # typed by their output (checked below)
+    return [0] if n_inputs else []
+
+
+_FIX_OP = {
+    "ScatterND": "express the scatter-add without `reduction` (e.g. a dense masked matmul over experts, or a "
+                 "Concat/Gather of per-expert rows), or run this graph on onnxruntime / an IPluginV3 plugin",
+    "NonZero": "avoid data-dependent shapes on TensorRT (dense routing with a mask), or use a plugin",
+    "Attention": "export at opset <= 20 so attention is MatMul/Softmax/MatMul (TensorRT < 10.14 has no Attention op)",
+    "RotaryEmbedding": "export RoPE as Mul/Add/Concat primitives (no RotaryEmbedding before TensorRT 10.15)",
+    "RMSNormalization": "export RMSNorm as ReduceMean/Sqrt/Mul primitives (no RMSNormalization before TensorRT 10.15)",
+}
+
+
+def _check_node(node: Node, idx: int, graph_key: str, table: OpTable, types: dict[str, str | None],
+                consts_strict: set[str], consts_fold: set[str], inits: dict[str, Tensor], out: list[Problem]) -> None:
+    nid = node.name or f"#{idx}"
+    op = node.op_type
+
+    def add(rule: str, msg: str, fix: str = "", severity: str = "error") -> None:
+        out.append(Problem(graph_key, nid, op, rule, msg, fix, severity))
+
+    if node.domain not in ("", "ai.onnx"):
+        add("custom_op", f"operator from domain {node.domain!r} is not a standard ONNX op: TensorRT {table.tensorrt} "
+            f"parses it only as a plugin named {op!r}, and none is registered",
+            "export this graph with standard ONNX ops only (the onnxruntime-only flavours such as decoder.fused are "
+            "not meant for TensorRT)")
+        return
+    row = table.ops.get(op)
+    if row is None or not row["supported"]:
+        why = row["restrictions"] if row and row.get("restrictions") else "not in the operator table"
+        add("unsupported_op", f"{op} is not supported by TensorRT {table.tensorrt}'s ONNX parser ({why})",
+            _FIX_OP.get(op, "rewrite it with supported ops or provide an IPluginV3 plugin"))
+        return
+    # data types
+    allowed = set(row.get("types") or [])
+    if allowed:
+        checked: list[tuple[str, str | None]] = [(node.inputs[i], types.get(node.inputs[i]))
+                                                 for i in _typed_inputs(op, len(node.inputs))
+                                                 if i < len(node.inputs) and node.inputs[i]]
+        if op in ("Cast", "CastLike", "Constant", "ConstantOfShape"):
+            checked += [(o, types.get(o)) for o in node.outputs[:1]]
+        for name, t in checked:
+            if t is not None and t not in allowed:
+                add("dtype", f"{name} is {t}, but TensorRT {table.tensorrt} supports {op} only for "
+                    f"{', '.join(sorted(allowed))}",
+                    f"cast {name} to one of {', '.join(sorted(allowed))} before the {op}")
+    # structured restrictions
+    for rule in table.rules.get(op, []):
+        kind = rule["kind"]
+        if kind == "attr_absent" and rule["attr"] in node.attrs:
+            val = node.attr(rule["attr"])
+            shown = val if isinstance(val, (int, float, str)) else type(val).__name__
+            add("attribute", f"attribute {rule['attr']}={shown!r} is not supported by TensorRT {table.tensorrt} "
+                f"({row.get('restrictions') or 'parser rejects it'})", _FIX_OP.get(op, f"remove the {rule['attr']} attribute"))
+        elif kind == "attr_in":
+            val = node.attr(rule["attr"], rule.get("default"))
+            if isinstance(val, bytes):
+                val = val.decode()
+            if val not in rule["values"]:
+                add("attribute", f"attribute {rule['attr']}={val!r} is not supported by TensorRT {table.tensorrt} "
+                    f"(allowed: {', '.join(map(repr, rule['values']))})",
+                    _FIX_OP.get(op, f"set {rule['attr']} to one of {', '.join(map(repr, rule['values']))}"))
+        elif kind == "attr_all_ones":
+            val = node.attr(rule["attr"])
+            if val and any(v != 1 for v in val):
+                add("attribute", f"attribute {rule['attr']}={list(val)} must be empty or all ones for TensorRT "
+                    f"{table.tensorrt}", f"remove the {rule['attr']} or rewrite the op")
+        elif kind in ("const_input", "const_input_below"):
+            i = rule["index"]
+            if i < len(node.inputs) and node.inputs[i]:
+                name = node.inputs[i]
+                known = consts_strict if rule.get("strict", True) or kind == "const_input_below" else consts_fold
+                if kind == "const_input" and name not in known:
+                    what = "an initializer" if rule.get("strict", True) else "a build-time constant"
+                    add("const_input", f"input {i} ({name}) must be {what} for TensorRT {table.tensorrt}",
+                        f"make {name} {what} (fold it, e.g. `polygraphy surgeon sanitize --fold-constants`)")
+                elif kind == "const_input_below" and name in inits:
+                    vals = inits[name].values() or []
+                    if any(v >= rule["limit"] for v in vals):
+                        add("const_input", f"input {i} ({name}) = {vals} must be below {rule['limit']} for TensorRT "
+                            f"{table.tensorrt}", f"use K < {rule['limit']}")
+        elif kind == "max_outputs":
+            used = [o for o in node.outputs[rule["count"]:] if o]
+            if used:
+                add("outputs", f"outputs {', '.join(used)} are not supported (TensorRT {table.tensorrt} produces only "
+                    f"the first {rule['count']})", "drop the extra outputs from the node")
+        elif kind == "zero_point_zero":
+            i = rule["index"]
+            if i < len(node.inputs) and node.inputs[i]:
+                zp = inits.get(node.inputs[i])
+                vals = zp.values() if zp is not None else None
+                if zp is None:
+                    add("zero_point", f"zero point {node.inputs[i]} must be a constant 0 (symmetric quantization)",
+                        "quantize symmetrically with an initializer zero point of 0")
+                elif vals and any(v != 0 for v in vals):
+                    add("zero_point", f"zero point {node.inputs[i]} has non-zero values: TensorRT quantization is "
+                        "symmetric", "re-quantize with symmetric activations and weights (zero point 0)")
+
+
+def check_graph(model: Model, table: OpTable, graph_key: str = "") -> list[Problem]:
+    """Every TensorRT parser rule this model breaks; an empty list means it should parse."""
+    key = graph_key or os.path.basename(model.path) or model.graph.name
+    out: list[Problem] = []
+    # opset and IR version
+    for dom, ver in model.opsets.items():
+        if dom in ("", "ai.onnx"):
+            if not table.opset_min <= ver <= table.opset_max:
+                out.append(Problem(key, "", "", "opset", f"default-domain opset {ver} is outside TensorRT "
+                                   f"{table.tensorrt}'s {table.opset_min}..{table.opset_max}",
+                                   f"re-export with --opset {min(max(ver, 17), table.opset_max)}"))
+        elif dom == "ai.onnx.ml":
+            out.append(Problem(key, "", "", "opset", "the ai.onnx.ml domain is imported: TensorRT parses none of its ops",
+                               "export without ai.onnx.ml ops"))
+    if model.ir_version > table.ir_version_max:
+        out.append(Problem(key, "", "", "ir_version", f"IR version {model.ir_version} is newer than TensorRT "
+                           f"{table.tensorrt}'s parser reads (<= {table.ir_version_max})",
+                           f"set model.ir_version = {table.ir_version_max} when saving"))
+    if model.file_bytes >= PROTOBUF_LIMIT:
+        out.append(Problem(key, "", "", "file_size", f"{os.path.basename(model.path)} is {model.file_bytes} bytes: "
+                           "protobuf cannot hold 2 GiB", "store the weights as external data"))
+    # graph I/O types
+    for v in model.graph.inputs + model.graph.outputs:
+        if v.dtype and v.dtype not in table.types:
+            out.append(Problem(key, "", v.name, "dtype", f"graph input/output {v.name} is {v.dtype}, which TensorRT "
+                               f"{table.tensorrt} has no type for", "cast it to FP32/FP16/INT32/INT64/BOOL"))
+        elif v.dtype == "DOUBLE":
+            out.append(Problem(key, "", v.name, "dtype", f"{v.name} is DOUBLE: TensorRT casts it down to FLOAT",
+                               "export it as float32", "warning"))
+    _check_nodes(model.graph, key, table, None, out)
+    if model.path:
+        out += check_external_data(model, key)
+    return out
+
+
+def _check_nodes(graph: Graph, key: str, table: OpTable, outer: dict[str, str | None] | None,
+                 out: list[Problem], outer_inits: dict[str, Tensor] | None = None) -> None:
+    types = infer_types(graph, outer)
+    inits = {**(outer_inits or {}), **graph.initializers}
+    strict = constant_values(graph, foldable=False) | set(outer_inits or {})
+    fold = constant_values(graph, foldable=True) | set(outer_inits or {})
+    for t in graph.initializers.values():
+        if t.dtype and t.dtype not in table.types:
+            out.append(Problem(key, "", t.name, "dtype", f"initializer {t.name} is {t.dtype}, which TensorRT "
+                               f"{table.tensorrt} has no type for", "store it as FP32/FP16/INT32/INT64"))
+        elif t.dtype == "DOUBLE":
+            out.append(Problem(key, "", t.name, "dtype", f"initializer {t.name} is DOUBLE: TensorRT casts it down to "
+                               "FLOAT", "store it as float32", "warning"))
+    for i, node in enumerate(graph.nodes):
+        _check_node(node, i, key, table, types, strict, fold, inits, out)
+        for a in node.attrs.values():  # If/Loop/Scan bodies
+            subs = [a.value] if a.kind == 5 else (a.value if a.kind == 10 else [])
+            for sub in subs:
+                if isinstance(sub, Graph):
+                    _check_nodes(sub, key, table, types, out, inits)
+
+
+def check_external_data(model: Model, key: str) -> list[Problem]:
+    """External-data references must be relative, inside the model's folder, and within their files."""
+    folder = os.path.dirname(os.path.abspath(model.path))
+    out: list[Problem] = []
+    sizes: dict[str, int | None] = {}
+    for t in model.graph.initializers.values():
+        if t.external is None:
+            continue
+        loc = t.external.get("location", "")
+
+        def bad(msg: str, fix: str, name: str = t.name) -> None:
+            out.append(Problem(key, "", name, "external_data", msg, fix))
+
+        if not loc:
+            bad(f"initializer {t.name} is external but names no location", "re-export the bundle")
+            continue
+        if os.path.isabs(loc) or os.path.normpath(loc).startswith(".."):
+            bad(f"initializer {t.name} points outside the model folder ({loc}); TensorRT's parse_from_file resolves "
+                "locations relative to the .onnx file", "save external data next to the .onnx with a relative location")
+            continue
+        path = os.path.join(folder, loc)
+        if loc not in sizes:
+            sizes[loc] = os.path.getsize(path) if os.path.isfile(path) else None
+        size = sizes[loc]
+        if size is None:
+            bad(f"initializer {t.name}: external file {loc} is missing", "copy the whole bundle folder")
+            continue
+        try:
+            offset = int(t.external.get("offset", "0") or 0)
+            length = int(t.external["length"]) if t.external.get("length") else None
+        except ValueError:
+            bad(f"initializer {t.name} has a non-numeric offset/length", "re-export the bundle")
+            continue
+        want = t.nbytes
+        if length is not None and want is not None and length != want:
+            bad(f"initializer {t.name}: length {length} does not match its shape {t.dims} ({want} bytes)",
+                "re-export the bundle")
+        end = offset + (length if length is not None else (want or 0))
+        if offset < 0 or end > size:
+            bad(f"initializer {t.name}: bytes {offset}..{end} lie outside {loc} ({size} bytes): the file is truncated",
+                "copy the bundle again or re-export it")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundles
+# ---------------------------------------------------------------------------------------------
+ORT_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "com.microsoft.experimental")
+
+
+def meant_for_tensorrt(info: dict[str, Any], model: Model) -> tuple[bool, str]:
+    """Whether a bundle graph is meant to be built by TensorRT, and why not: the manifest's `targets`
+    when the graph has them, else every graph that does not import an onnxruntime contrib-op domain
+    (decoder.fused: GroupQueryAttention/MoE; decoder.int4: MatMulNBits)."""
+    targets = info.get("targets")
+    if targets is not None:
+        return ("tensorrt" in targets, f"manifest targets {', '.join(targets)}")
+    ort = [d for d in model.opsets if d in ORT_DOMAINS]
+    if ort:
+        return False, f"imports the onnxruntime contrib domain {ort[0]} (an onnxruntime-only flavour)"
+    return True, ""
+
+
+@dataclass
+class BundleReport:
+    tensorrt: str
+    graphs: dict[str, list[Problem]]          # key -> problems (graphs meant for TensorRT)
+    skipped: dict[str, str]                   # graphs not meant for TensorRT -> why
+    source: str
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for ps in self.graphs.values() for p in ps if p.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> dict[str, Any]:
+        return {"tensorrt": self.tensorrt, "ok": self.ok,
+                "graphs": {k: {"ok": not any(p.severity == "error" for p in ps),
+                               "errors": sum(p.severity == "error" for p in ps),
+                               "warnings": sum(p.severity == "warning" for p in ps)} for k, ps in self.graphs.items()},
+                "skipped": self.skipped}
+
+
+def check_bundle(folder: str, trt: str = "10.3", graphs: Sequence[str] | None = None) -> BundleReport:
+    """Check a bundle's graphs (or an .onnx file) against one TensorRT release's ONNX parser."""
+    table = load_table(trt)
+    if os.path.isfile(folder) and folder.endswith(".onnx"):
+        model = read_onnx(folder)
+        return BundleReport(table.tensorrt, {os.path.basename(folder): check_graph(model, table)}, {}, table.source)
+    from .bundle import load_bundle
+    bundle = load_bundle(folder)
+    all_graphs = bundle.manifest["graphs"]
+    if graphs:
+        unknown = [g for g in graphs if g not in all_graphs]
+        if unknown:
+            raise TrtCheckError(f"bundle has no graph {', '.join(unknown)}; it has {', '.join(all_graphs)}")
+    keys = list(graphs or all_graphs)
+    report = BundleReport(table.tensorrt, {}, {}, table.source)
+    for key in keys:
+        model = read_onnx(bundle.graph_path(key))
+        meant, why = meant_for_tensorrt(all_graphs[key], model)
+        if not graphs and not meant:
+            report.skipped[key] = why
+            continue
+        report.graphs[key] = check_graph(model, table, key)
+    return report
+
+
+def check_for_export(folder: str, versions: Sequence[str] = TRT_VERSIONS) -> dict[str, Any]:
+    """What `export` records in the manifest for TensorRT targets: per release, ok and the first problems."""
+    out: dict[str, Any] = {}
+    for v in versions:
+        rep = check_bundle(folder, v)
+        out[v] = {**rep.summary(), "problems": [p.line() for p in rep.errors[:20]]}
+    return out
