@@ -60,9 +60,13 @@ def _say(msg: str) -> None:
 
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
                   check: bool = True, force: bool = False, progress: Callable[[str], None] = _say,
-                  check_layers: int | None = None, fused: bool = True, trt_check: bool = True) -> dict:
+                  check_layers: int | None = None, fused: bool = True, trt_check: bool = True,
+                  weights: str | None = None, block_size: int = 32) -> dict:
     """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest.
-    fused: also write "decoder.fused" (onnxruntime contrib ops), which the onnxruntime backend prefers."""
+    fused: also write "decoder.fused" (onnxruntime contrib ops), which the onnxruntime backend prefers.
+    weights: "int4" or "int8" adds the weight-only quantized decoder flavour (onnxruntime MatMulNBits)."""
+    if weights not in (None, "int4", "int8"):
+        raise MolmoEdgeError(f"--weights {weights} is not supported; use int4 or int8")
     if not 17 <= opset <= MAX_OPSET_TRT_10_3:
         raise MolmoEdgeError(f"--opset {opset} is outside 17..{MAX_OPSET_TRT_10_3} (LayerNormalization needs 17; "
                              f"TensorRT 10.3 on JetPack 6 parses up to {MAX_OPSET_TRT_10_3})")
@@ -97,6 +101,11 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
                     progress(f"[export] TensorRT {v}: {r['problems'][0]} (`molmo-edge check-trt` lists all)")
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
+        if weights:
+            from molmo_edge.calibration.weights import quantize_decoder_weights
+            quantize_decoder_weights(tmp, int(weights[3:]), block_size=block_size, progress=progress)
+            with open(os.path.join(tmp, MANIFEST)) as f:
+                manifest = json.load(f)
         if os.path.exists(out):
             old = tmp + ".old"
             os.replace(out, old)

@@ -206,7 +206,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise MolmoEdgeError(f"export needs the export extra ({e.name} is missing): pip install 'molmo-edge[export]'") from None
     export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force,
-                  check_layers=a.check_layers, fused=not a.no_fused, trt_check=not a.no_trt_check)
+                  check_layers=a.check_layers, fused=not a.no_fused, trt_check=not a.no_trt_check, weights=a.weights,
+                  block_size=a.block_size)
     print(os.path.abspath(a.output))
     return 0
 
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-fused", action="store_true",
                    help="skip decoder.fused (onnxruntime contrib ops); saves disk when only TensorRT will run the bundle")
     s.add_argument("--no-trt-check", action="store_true", help="skip checking the graphs against TensorRT 10.3/10.13 op support")
+    s.add_argument("--weights", choices=["int4", "int8"], default=None,
+                   help="also write a weight-only quantized decoder (run it with --precision int4/int8)")
+    s.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="quantization block size (default 32)")
     s.set_defaults(fn=cmd_export)
     _add_module_commands(sub)
     return p

@@ -231,3 +231,11 @@ def test_bench_command_reports_every_stage(bundles):
     assert s["crops"] == 7 and s["crops_at_max_crops_2"] == 3  # 640x480 frame: 2x3 tiling + global view
     assert res["machine"]["cores"] >= 1 and res["peak_rss_mib"] > 0
     assert "decode" in format_table(res)
+
+
+def test_export_with_int4_weights(tiny_checkpoints, tmp_path):
+    man = export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "q"), weights="int4", **QUIET)
+    assert "decoder.int4" in man["graphs"]
+    m = Molmo.load(str(tmp_path / "q"), precision="int4")
+    assert m.backend.graphs["decoder"] == "decoder.int4"
+    assert len(m.ask("Count the boxes.", _frame(), max_new_tokens=3).token_ids) >= 1
