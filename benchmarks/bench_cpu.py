@@ -73,8 +73,27 @@ def _median_time(fn, runs: int) -> float:
     return statistics.median(out)
 
 
+def add_quantized_flavours(bundle: str, workdir: str, frames: int = 4) -> None:
+    """vision.int8 (calibrated on generated 640x480 scenes; latency only, so no accuracy gate) and
+    decoder.int4 / decoder.int8 (weight-only), as `calibrate` and `quantize` would add them."""
+    from molmo_edge.calibration.calibrate import calibrate_bundle
+    from molmo_edge.calibration.scenes import write_images
+    from molmo_edge.calibration.weights import quantize_decoder_weights
+    from molmo_edge.runtime.bundle import load_bundle
+
+    graphs = load_bundle(bundle).manifest["graphs"]
+    fdir = os.path.join(workdir, "frames")
+    if not os.path.isdir(fdir):
+        write_images(fdir, frames + 2, seed=0, height=480, width=640, ext=".jpg")
+    if "vision.int8" not in graphs:
+        calibrate_bundle(bundle, fdir, samples=frames, holdout=2, max_crops=1, e2e_frames=0, min_cosine=0.0)
+    for bits in (4, 8):
+        if f"decoder.int{bits}" not in graphs:
+            quantize_decoder_weights(bundle, bits, 32)
+
+
 def bench_family(family: str, layers: int, workdir: str, runs: int, prompt_tokens: int, decode_tokens: int,
-                 bandwidth: float) -> dict:
+                 bandwidth: float, quant: bool = False) -> dict:
     import torch
 
     from molmo_edge.export.bundle import export_bundle
@@ -90,6 +109,8 @@ def bench_family(family: str, layers: int, workdir: str, runs: int, prompt_token
         make_random_checkpoint(ck, family, size="full", n_layers=layers, vocab_size=50280 if family == "molmoe-1b" else 152064)
     if not os.path.exists(os.path.join(bundle, "manifest.json")):
         export_bundle(ck, bundle, force=True)
+    if quant:
+        add_quantized_flavours(bundle, workdir)
     b = load_bundle(bundle)
     cfg = b.config
     graphs = b.manifest["graphs"]
@@ -208,6 +229,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/molmo-bench")
+    ap.add_argument("--quant", action="store_true", help="also add and time INT8 vision and INT4/INT8 decoders")
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
     ap.add_argument("--plot", default="benchmarks/results/cpu_stages.png")
     a = ap.parse_args()
@@ -216,7 +238,7 @@ def main() -> None:
     bw = stream_bandwidth()
     results = []
     for fam, layers in zip(a.families, a.layers + a.layers[-1:] * len(a.families)):
-        r = bench_family(fam, layers, a.workdir, a.runs, a.prompt_tokens, a.decode_tokens, bw)
+        r = bench_family(fam, layers, a.workdir, a.runs, a.prompt_tokens, a.decode_tokens, bw, a.quant)
         results.append(r)
         print(json.dumps(r), flush=True)
     out = {"machine": machine_info(), "stream_copy_gb_per_s": bw / 1e9, "results": results}

@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from molmo_edge.runtime.machine import package_versions
+
 from . import CalibrationError
 from .frames import FrameSet, select_frames
 from .qdq import build_qdq_model, find_layers, quantize_weight, select_layers
@@ -35,18 +37,6 @@ BATCH_BYTES = 1.5e9          # tapped outputs held at once during statistics
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def tool_versions() -> dict[str, str]:
-    import importlib.metadata as md
-    out = {}
-    for pkg, key in (("molmo-edge", "molmo_edge"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("numpy", "numpy"),
-                     ("opencv-python-headless", "opencv")):
-        try:
-            out[key] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _graph_entry(base: dict[str, Any], folder: str, file: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +179,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
         del sess
         report.update({"method": method, "percentile": percentile if method == "percentile" else None,
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       "tools": tool_versions()})
+                       "tools": package_versions()})
         report["frames"] = {"calibration": len(frames.calibration), "holdout": len(frames.holdout),
                             "holdout_sha256": [f.sha256 for f in frames.holdout]}
         worst = report["features"]["cosine"]["worst"]
@@ -221,7 +211,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
             "summary": {"worst_cosine": worst, "mean_cosine": report["features"]["cosine"]["mean"],
                         "min_cosine": min_cosine, **({"answer_agreement": report["end_to_end"]["summary"]["answer_agreement"]}
                                                    if report.get("end_to_end") else {})},
-            "tools": tool_versions(),
+            "tools": package_versions(),
             "created": report["created"],
         }
 

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from molmo_edge.runtime.machine import mem_available
+
 from . import CalibrationError
 from .staging import commit, staging
 
@@ -260,17 +262,6 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
             "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
 def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, progress: Callable[[str], None] = _say,
                              accuracy_level: int | None = None, check: bool = True) -> dict[str, Any]:
     """Add the weight-only quantized decoder flavour "decoder.int{bits}" to an existing bundle.
@@ -319,7 +310,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
         })
         if check:
             need = base.get("data_bytes", 0) + entry["data_bytes"]
-            if need * 1.5 < 0.7 * _mem_available():
+            if need * 1.5 < 0.7 * mem_available(4 << 30):
                 staged = dict(bundle.manifest, graphs=dict(bundle.manifest["graphs"]))
                 staged["graphs"][key] = dict(entry, file=os.path.relpath(os.path.join(stage, fname), bundle_dir))
                 entry["check"] = _check(Bundle(bundle.folder, staged, bundle.config), key, "decoder")

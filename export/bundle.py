@@ -22,6 +22,7 @@ import numpy as np
 from molmo_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from molmo_edge.runtime.config import IMAGE_TOKENS
 from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.machine import mem_available, package_versions
 from molmo_edge.runtime.weights import parameter_count
 
 from .checkpoint import open_checkpoint
@@ -33,18 +34,6 @@ from .onnx_graphs import build_decoder, build_vision
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 REFERENCE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 MAX_OPSET_TRT_10_3 = 20
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-    out = {}
-    for pkg, key in (("molmo-edge", "molmo_edge"), ("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
-                     ("numpy", "numpy")):
-        try:
-            out[key] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _io(model) -> tuple[list, list]:
@@ -202,22 +191,11 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
                  "expressed_as": "per-expert NonZero/GatherND/ScatterND(add) branches: only routed tokens' rows are computed"}
                 if cfg.is_moe else None),
         "graphs": graphs,
-        "tools": _versions(),
+        "tools": package_versions(),
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
-
-
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def check_layer_budget(cfg, available: int | None = None) -> int:
@@ -227,7 +205,7 @@ def check_layer_budget(cfg, available: int | None = None) -> int:
     total = sum(int(np.prod(s)) for s in hf_weight_shapes(cfg).values()) * 4
     layer = sum(int(np.prod(s)) for s in block_weight_shapes(cfg, 0).values()) * 4
     fixed = total - cfg.n_layers * layer
-    budget = 0.7 * (available or _mem_available())
+    budget = 0.7 * (available or mem_available())
     for k in range(cfg.n_layers, 0, -1):
         if 2.5 * (fixed + k * layer) <= budget:
             return k

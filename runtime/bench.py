@@ -4,8 +4,6 @@ prefill tokens/s, decode tokens/s, and end to end for a 640x480 frame; plus peak
 precision and the machine (on Jetson: power mode and a tegrastats sample)."""
 from __future__ import annotations
 
-import os
-import platform
 import resource
 import statistics
 import time
@@ -13,22 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-                            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
-    try:  # Jetson extras (power mode, tegrastats), when the helper module and the tools exist
-        from . import jetson_info
-        info.update(jetson_info.snapshot())
-    except Exception:  # noqa: BLE001 - optional: not a Jetson, or tools missing
-        pass
-    return info
+from .machine import machine_info
 
 
 def stats(samples: list[float]) -> dict[str, float]:
