@@ -98,13 +98,18 @@ def load_bundle(folder: str) -> Bundle:
 PRECISIONS = ("fp32", "int8", "int4")
 
 
-def select_graphs(manifest: dict[str, Any], precision: str = "fp32", fused: bool = True) -> tuple[str, str]:
+def select_graphs(manifest: dict[str, Any], precision: str = "fp32", fused: bool | None = None) -> tuple[str, str]:
     """Which of the bundle's graphs run for a precision: (vision key, decoder key).
 
     Graph keys in manifest["graphs"]: "vision", "decoder" (portable, fp32 or fp16 weights), and the
     optional flavours "vision.int8" (Q/DQ from calibration), "decoder.int8"/"decoder.int4" (weight-only
     quantized), "decoder.fused" (onnxruntime contrib ops). All decoder flavours share one I/O signature.
+    fused=None picks by measurement (benchmarks/RESULTS.md, onnxruntime CPU): the fused decoder for dense
+    models (GroupQueryAttention decodes ~12 % faster), the portable one for MoE (onnxruntime's CPU MoE
+    kernel is slower than the routed per-expert MatMuls).
     """
+    if fused is None:
+        fused = not manifest.get("config", {}).get("moe_num_experts", 0)
     graphs = manifest["graphs"]
     if precision not in PRECISIONS:
         raise BundleError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

@@ -21,7 +21,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 precision: str = "fp32", fused: bool = True):
+                 precision: str = "fp32", fused: bool | None = None):
         import onnxruntime as ort
         from ..bundle import select_graphs
 
