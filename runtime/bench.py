@@ -66,7 +66,7 @@ def run_bench(molmo, image: Any = None, runs: int = 5, prompt: str = "Point to t
     inputs = proc.process(prompt, crops=crops)
     n_prompt = int(inputs["input_ids"].shape[0])
     feats = backend.vision(crops.images, crops.image_masks)
-    x = molmo.embed(inputs["input_ids"].astype(np.int64), crops, feats)
+    x = molmo.embed(inputs["input_ids"].astype(np.int64), inputs["image_input_idx"], feats)
 
     def prefill():
         cache = backend.new_cache(n_prompt + decode_tokens + 1)

@@ -75,14 +75,14 @@ class Molmo:
         return cls(bundle, open_backend(bundle, backend, **backend_options))
 
     # --- building blocks -----------------------------------------------------------------------
-    def embed(self, ids: np.ndarray, crops: ImageCrops | None = None, features: np.ndarray | None = None,
-              offset: int = 0) -> np.ndarray:
-        """Token embeddings [1, T, d] with image features added at their `<im_patch>` positions
-        (`offset` = index of ids[0] in the full sequence)."""
+    def embed(self, ids: np.ndarray, image_input_idx: np.ndarray | None = None,
+              features: np.ndarray | None = None) -> np.ndarray:
+        """Token embeddings [1, T, d]; with an image, its features are added (not substituted, as in AI2's
+        code) at the positions `image_input_idx` gives (the processor's convention: -100 = dropped)."""
         x = np.asarray(self.embeddings[np.asarray(ids, np.int64)], dtype=np.float32)
         if features is not None:
-            idx = crops.image_input_idx.reshape(-1).astype(np.int64) + 1 - offset  # +1: BOS precedes the image
-            keep = (crops.image_input_idx.reshape(-1) >= 0) & (idx >= 0) & (idx < len(x))
+            idx = image_input_idx.reshape(-1).astype(np.int64)
+            keep = (idx >= 0) & (idx < len(x))
             np.add.at(x, idx[keep], features.reshape(-1, features.shape[-1])[keep])
         return x[None]
 
@@ -114,15 +114,12 @@ class Molmo:
         """Logits [T, V] for every position (and image_features) of preprocessed inputs, in one pass."""
         ids = inputs["input_ids"].astype(np.int64).reshape(-1)
         out: dict[str, np.ndarray] = {}
-        crops = feats = None
+        feats = None
         if "images" in inputs:
-            crops = ImageCrops(images=inputs["images"], image_tokens=np.zeros(0, np.int64),
-                               image_input_idx=np.where(inputs["image_input_idx"] >= 0, inputs["image_input_idx"] - 1, -100),
-                               image_masks=inputs["image_masks"], tiling=(0, 0))
             feats = self.backend.vision(inputs["images"], inputs["image_masks"])
             out["image_features"] = feats
         cache = self.backend.new_cache(len(ids))
-        x = self.embed(ids, crops, feats)
+        x = self.embed(ids, inputs.get("image_input_idx"), feats)
         out["logits"] = self.backend.decode(x, np.arange(len(ids), dtype=np.int64)[None], cache,
                                             np.arange(len(ids), dtype=np.int64))[0]
         self._prefix = None
@@ -147,7 +144,8 @@ class Molmo:
         t1 = time.perf_counter()
         if self._prefix is None or self._prefix[0] != key or not np.array_equal(self._prefix[1], prefix):
             self.cache.truncate(0)
-            self._prefill(self.embed(prefix, entry.crops if entry else None, entry.features if entry else None), np.zeros(1, np.int64))
+            self._prefill(self.embed(prefix, inputs.get("image_input_idx"), entry.features if entry else None),
+                          np.zeros(1, np.int64))
             self._prefix = (key, prefix)
             self.stats["prefix_prefills"] += 1
         else:
