@@ -32,9 +32,20 @@ NEG = float(np.finfo(np.float32).min)
 
 
 def _mha(g: GraphBuilder, q_in: str, kv_in: str, get: Get, prefix: str, heads: int, kv_heads: int, head_dim: int) -> str:
-    """Bias-ful multi-head attention over the last two axes of [M, L, C] inputs (ViT blocks, pooling)."""
-    lin = {n: g.linear(x, get(f"{prefix}.{n}.weight"), get(f"{prefix}.{n}.bias"), f"{prefix}.{n}")
-           for n, x in (("wq", q_in), ("wk", kv_in), ("wv", kv_in))}
+    """Bias-ful multi-head attention over the last two axes of [M, L, C] inputs (ViT blocks, pooling).
+    Self-attention projects q, k and v with one fused MatMul: one larger GEMM, and one consumer of the
+    normalised input (onnxruntime merges identical Q/DQ chains, and a DQ with three consumers would
+    keep the INT8 graph's projections from fusing into integer kernels)."""
+    if q_in == kv_in:
+        names = ("wq", "wk", "wv")
+        w = np.concatenate([get(f"{prefix}.{n}.weight") for n in names])
+        b = np.concatenate([get(f"{prefix}.{n}.bias") for n in names])
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        qkv = g.op("Split", [g.linear(q_in, w, b, f"{prefix}.wqkv"), g.const(sizes)], n_out=3, axis=-1)
+        lin = dict(zip(names, qkv))
+    else:
+        lin = {n: g.linear(x, get(f"{prefix}.{n}.weight"), get(f"{prefix}.{n}.bias"), f"{prefix}.{n}")
+               for n, x in (("wq", q_in), ("wk", kv_in), ("wv", kv_in))}
 
     def split(x: str, n: int) -> str:  # [M, L, n*hd] -> [M, n, L, hd]
         return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, head_dim])])], perm=[0, 2, 1, 3])

@@ -42,7 +42,8 @@ def test_full_width_cache_and_qdq_graph(full_vision):
     layers, attention = find_layers(info)
     quant, kept = select_layers(layers)
     blocks = max(l % cfg.vision.layers for l in cfg.vit_layers) + 1
-    assert len(layers) == 6 * blocks + 4 + 3 + 1 and len(attention) == 2 * blocks + 2  # ViT, pooling, projector, patches
+    # ViT blocks (fused wqkv, wo, w1, w2), pooling (wq, wk, wv, wo), projector (w1, w3, w2), patch embedding
+    assert len(layers) == 4 * blocks + 4 + 3 + 1 and len(attention) == 2 * blocks + 2
     assert [l.name for l in kept] == ["model.vision_backbone.image_vit.patch_embedding"]
 
     crops = preprocess_image(scene(11), cfg, max_crops=1)        # global view + 1 crop
