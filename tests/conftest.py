@@ -27,3 +27,15 @@ def tiny_checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ckpt")
     return {fam: make_random_checkpoint(str(root / fam), fam, seed=i) for i, fam in enumerate(FAMILIES)}
+
+
+def export_tiny_bundles(tiny_checkpoints: dict, root, families=None, **options) -> dict:
+    """family -> a fresh bundle exported (quietly) from the tiny checkpoint into `root`.
+    Each caller gets its own folders: some tests add graphs or engines to theirs."""
+    from molmo_edge.export.bundle import export_bundle
+
+    out = {}
+    for fam in families or tiny_checkpoints:
+        export_bundle(tiny_checkpoints[fam], str(root / fam), progress=lambda *_: None, **options)
+        out[fam] = str(root / fam)
+    return out

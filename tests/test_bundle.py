@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import export_tiny_bundles
 
 torch = pytest.importorskip("torch")
 
@@ -21,8 +22,7 @@ QUIET = dict(progress=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def bundles(tiny_checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    return {fam: export_bundle(ck, str(root / fam), **QUIET) and str(root / fam) for fam, ck in tiny_checkpoints.items()}
+    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("bundles"))
 
 
 def _frame(h=220, w=330, seed=0):

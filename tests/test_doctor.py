@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+from conftest import export_tiny_bundles
 
 from molmo_edge.runtime import jetson_info as ji
 from molmo_edge.runtime.doctor import Facts, diagnose, diagnose_bundle, exit_code, format_findings, gather_facts
@@ -122,13 +123,7 @@ def test_plain_pc_is_informational_only():
 # --- judging a bundle --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundles(tiny_checkpoints, tmp_path_factory):
-    from molmo_edge.export.bundle import export_bundle
-    root = tmp_path_factory.mktemp("doc")
-    out = {}
-    for fam in ("molmo-7b-d", "molmoe-1b"):
-        export_bundle(tiny_checkpoints[fam], str(root / fam), check=False, progress=lambda *_: None)
-        out[fam] = str(root / fam)
-    return out
+    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("doc"), ("molmo-7b-d", "molmoe-1b"), check=False)
 
 
 def test_bundle_on_a_jetson(bundles, tmp_path):

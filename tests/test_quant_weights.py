@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import export_tiny_bundles
 
 pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -23,12 +24,7 @@ QUIET = dict(progress=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def bundles(tiny_checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("qbundles")
-    out = {}
-    for fam in ("molmoe-1b", "molmo-7b-d"):
-        export_bundle(tiny_checkpoints[fam], str(root / fam), fused=False, **QUIET)
-        out[fam] = str(root / fam)
-    return out
+    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("qbundles"), ("molmoe-1b", "molmo-7b-d"), fused=False)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import export_tiny_bundles
 
 from molmo_edge.runtime.backends.trt import (DeviceKVCache, TensorRTMissing, TrtBackend, build_engines, dtype_name,
                                              expected_io, io_problems)
@@ -299,13 +300,7 @@ QUIET = dict(progress=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def source_bundles(tiny_checkpoints, tmp_path_factory):
-    from molmo_edge.export.bundle import export_bundle
-    root = tmp_path_factory.mktemp("trtb")
-    out = {}
-    for fam in ("molmo-7b-d", "molmoe-1b"):
-        export_bundle(tiny_checkpoints[fam], str(root / fam), check=False, **QUIET)
-        out[fam] = str(root / fam)
-    return out
+    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("trtb"), ("molmo-7b-d", "molmoe-1b"), check=False)
 
 
 @pytest.fixture()

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import export_tiny_bundles
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -17,13 +18,8 @@ QUIET = dict(progress=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def bundles(tiny_checkpoints, tmp_path_factory):
-    from molmo_edge.export.bundle import export_bundle
-    root = tmp_path_factory.mktemp("trt-bundles")
-    out = {}
-    for fam in ("molmoe-1b", "molmo-7b-d", "molmo-7b-o"):
-        export_bundle(tiny_checkpoints[fam], str(root / fam), check=False, **QUIET)
-        out[fam] = str(root / fam)
-    return out
+    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("trt-bundles"),
+                               ("molmoe-1b", "molmo-7b-d", "molmo-7b-o"), check=False)
 
 
 def _save(tmp_path, nodes, inputs, outputs, inits=(), opset=18, ir=8, name="g.onnx", domains=()):
