@@ -78,7 +78,7 @@ def add_quantized_flavours(bundle: str, workdir: str, frames: int = 4) -> None:
     decoder.int4 / decoder.int8 (weight-only), as `calibrate` and `quantize` would add them."""
     from molmo_edge.calibration.calibrate import calibrate_bundle
     from molmo_edge.calibration.scenes import write_images
-    from molmo_edge.calibration.weights import quantize_decoder_weights
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
     from molmo_edge.runtime.bundle import load_bundle
 
     graphs = load_bundle(bundle).manifest["graphs"]
@@ -99,7 +99,7 @@ def bench_family(family: str, layers: int, workdir: str, runs: int, prompt_token
     from molmo_edge.export.bundle import export_bundle
     from molmo_edge.export.checkpoint import load_reference_model
     from molmo_edge.export.synthetic import make_random_checkpoint
-    from molmo_edge.runtime.bench import run_bench
+    from molmo_edge.runtime.device.bench import run_bench
     from molmo_edge.runtime.bundle import load_bundle
     from molmo_edge.runtime.session import Molmo
 
@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
     ap.add_argument("--plot", default="benchmarks/results/cpu_stages.png")
     a = ap.parse_args()
-    from molmo_edge.runtime.bench import machine_info
+    from molmo_edge.runtime.device.bench import machine_info
 
     bw = stream_bandwidth()
     results = []

@@ -50,7 +50,7 @@ def main() -> None:
     a = ap.parse_args()
     from molmo_edge.export.synthetic import make_random_checkpoint
     from molmo_edge.runtime.config import load_config
-    from molmo_edge.runtime.weights import parameter_count
+    from molmo_edge.runtime.hf_names import parameter_count
 
     rows = []
     for n in a.layers:

@@ -35,7 +35,7 @@ def _say(msg: str) -> None:
 def build(workdir: str, layers: int, frames: int) -> str:
     from molmo_edge.calibration.calibrate import calibrate_bundle
     from molmo_edge.calibration.scenes import write_images
-    from molmo_edge.calibration.weights import quantize_decoder_weights
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
     from molmo_edge.export.bundle import export_bundle
     from molmo_edge.export.synthetic import make_random_checkpoint
     from molmo_edge.runtime.bundle import load_bundle
@@ -58,7 +58,7 @@ def build(workdir: str, layers: int, frames: int) -> str:
     # INT4 with fp32 compute (accuracy_level 0), outside the manifest, to show why level 4 is the default
     al0 = os.path.join(workdir, "int4-level0", "decoder.int4.onnx")
     if not os.path.exists(al0):
-        from molmo_edge.calibration.weights import quantize_graph
+        from molmo_edge.calibration.weight_quant import quantize_graph
         os.makedirs(os.path.dirname(al0), exist_ok=True)
         quantize_graph(os.path.join(bundle, "decoder.onnx"), al0, 4, 32, "lm_head.weight", 0, progress=_say)
     return bundle

@@ -22,14 +22,14 @@ import numpy as np
 
 from molmo_edge.runtime.machine import package_versions
 
-from . import CalibrationError
-from .frames import FrameSet, select_frames
-from .qdq import build_qdq_model, find_layers, quantize_weight, select_layers
-from .report import (DEFAULT_PROMPTS, LayerError, Prompt, answer_record, answer_summary, crop_metrics, format_table,
+from molmo_edge.calibration import CalibrationError
+from molmo_edge.calibration.frames import FrameSet, select_frames
+from molmo_edge.calibration.qdq import build_qdq_model, find_layers, quantize_weight, select_layers
+from molmo_edge.calibration.report import (DEFAULT_PROMPTS, LayerError, Prompt, answer_record, answer_summary, crop_metrics, format_table,
                      point_distance, summarise, write_json)
-from .stats import METHODS, TensorStats, crop_batches, graph_info, run_tapped, scales_from, tapped_session
-from .staging import commit, staging
-from .trt_cache import METHOD_ALGORITHM, version_int, version_str, write_cache
+from molmo_edge.calibration.stats import METHODS, TensorStats, crop_batches, graph_info, run_tapped, scales_from, tapped_session
+from molmo_edge.calibration.staging import commit, staging
+from molmo_edge.calibration.trt_cache import METHOD_ALGORITHM, version_int, version_str, write_cache
 
 DEFAULT_TRT_VERSIONS = ("10.3.0", "10.13.3")
 BATCH_BYTES = 1.5e9          # tapped outputs held at once during statistics

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import CalibrationError
+from molmo_edge.calibration import CalibrationError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mts",
@@ -220,14 +220,14 @@ class _Reader:
 
 
 class _Camera:
-    """The runtime's camera sources (molmo_edge.runtime.sources) when present, else OpenCV directly."""
+    """The runtime's camera sources (molmo_edge.runtime.cameras) when present, else OpenCV directly."""
 
     def __init__(self, uri: str, timeout: float):
         self.uri = uri
         self.source: Any = None
         self.cap: Any = None
         try:
-            from molmo_edge.runtime.sources import open_source
+            from molmo_edge.runtime.cameras import open_source
         except ImportError:
             open_source = None
         if open_source is not None:

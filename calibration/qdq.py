@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import CalibrationError
-from .stats import GraphInfo
+from molmo_edge.calibration import CalibrationError
+from molmo_edge.calibration.stats import GraphInfo
 
 DEFAULT_EXCLUDE = ("*patch_embedding*",)
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import CalibrationError
+from molmo_edge.calibration import CalibrationError
 
 LAYER_ROWS = 256
 
@@ -123,7 +123,7 @@ class LayerError:
         self.o = np.zeros(4)   # output: <y, yq>, |y|^2, |yq|^2, |y - yq|^2
 
     def update(self, x: np.ndarray) -> None:
-        from .qdq import fake_quant
+        from molmo_edge.calibration.qdq import fake_quant
         flat = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
         fq = fake_quant(flat, self.scale)
         xd, fd = flat.astype(np.float64).ravel(), fq.astype(np.float64).ravel()

@@ -53,7 +53,7 @@ def staging(bundle_dir: str, tag: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
     except OSError as e:
-        from . import CalibrationError
+        from molmo_edge.calibration import CalibrationError
         raise CalibrationError(f"cannot write into bundle {bundle_dir} ({e.strerror}); copy the bundle to a writable "
                                "folder and run the command there") from None
     try:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from . import CalibrationError
+from molmo_edge.calibration import CalibrationError
 
 BINS = 2048
 LEVELS = 128

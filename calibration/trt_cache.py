@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from . import CalibrationError
+from molmo_edge.calibration import CalibrationError
 
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 # Which TensorRT calibrator consumes a cache made with each of our methods. TensorRT has no

@@ -23,13 +23,13 @@ from molmo_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from molmo_edge.runtime.config import IMAGE_TOKENS
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.machine import mem_available, package_versions
-from molmo_edge.runtime.weights import parameter_count
+from molmo_edge.runtime.hf_names import parameter_count
 
-from .checkpoint import open_checkpoint
-from .graph import GraphBuilder
-from .onnx_fused import KV_LAYOUT as FUSED_KV_LAYOUT
-from .onnx_fused import build_decoder_fused
-from .onnx_graphs import build_decoder, build_vision
+from molmo_edge.export.checkpoint import open_checkpoint
+from molmo_edge.export.graph import GraphBuilder
+from molmo_edge.export.onnx_fused import KV_LAYOUT as FUSED_KV_LAYOUT
+from molmo_edge.export.onnx_fused import build_decoder_fused
+from molmo_edge.export.onnx_graphs import build_decoder, build_vision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 REFERENCE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
@@ -83,7 +83,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         if check:
             manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
         if trt_check:
-            from molmo_edge.runtime.trt_support import check_for_export
+            from molmo_edge.runtime.tensorrt.check import check_for_export
             manifest["tensorrt_check"] = check_for_export(tmp)
             for v, r in manifest["tensorrt_check"].items():
                 if not r["ok"]:
@@ -91,7 +91,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
         if weights:
-            from molmo_edge.calibration.weights import quantize_decoder_weights
+            from molmo_edge.calibration.weight_quant import quantize_decoder_weights
             quantize_decoder_weights(tmp, int(weights[3:]), block_size=block_size, progress=progress)
             with open(os.path.join(tmp, MANIFEST)) as f:
                 manifest = json.load(f)
@@ -201,7 +201,7 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
 def check_layer_budget(cfg, available: int | None = None) -> int:
     """How many decoder layers the self-check can afford: the torch model and the onnxruntime session
     each hold the checked weights in float32, plus working memory."""
-    from molmo_edge.runtime.weights import block_weight_shapes, hf_weight_shapes
+    from molmo_edge.runtime.hf_names import block_weight_shapes, hf_weight_shapes
     total = sum(int(np.prod(s)) for s in hf_weight_shapes(cfg).values()) * 4
     layer = sum(int(np.prod(s)) for s in block_weight_shapes(cfg, 0).values()) * 4
     fixed = total - cfg.n_layers * layer
@@ -239,8 +239,8 @@ def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress, check_l
     import torch
 
     from molmo_edge.runtime.session import Molmo
-    from .checkpoint import WeightSource
-    from .model import build_model
+    from molmo_edge.export.checkpoint import WeightSource
+    from molmo_edge.export.model import build_model
 
     layers = min(cfg.n_layers, check_layers or check_layer_budget(cfg))
     source = WeightSource(folder)

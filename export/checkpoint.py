@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from molmo_edge.runtime.config import MolmoConfig, load_config
-from molmo_edge.runtime.source import CheckpointError, resolve_model  # noqa: F401 (re-exported)
-from molmo_edge.runtime.weights import hf_weight_shapes
+from molmo_edge.runtime.model_path import CheckpointError, resolve_model  # noqa: F401 (re-exported)
+from molmo_edge.runtime.hf_names import hf_weight_shapes
 
 
 class WeightSource(Mapping):
@@ -118,7 +118,7 @@ def open_checkpoint(model: str) -> tuple[str, MolmoConfig, WeightSource]:
 
 def load_reference_model(model: str, dtype: torch.dtype = torch.float32):
     """(torch reference model, config, folder) for a checkpoint folder or hub id."""
-    from .model import build_model
+    from molmo_edge.export.model import build_model
 
     folder, cfg, source = open_checkpoint(model)
     return build_model(cfg, source, dtype), cfg, folder

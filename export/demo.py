@@ -10,8 +10,8 @@ import sys
 import cv2
 import numpy as np
 
-from .bundle import export_bundle
-from .synthetic import make_random_checkpoint
+from molmo_edge.export.bundle import export_bundle
+from molmo_edge.export.synthetic import make_random_checkpoint
 
 
 def demo_image(path: str) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.weights import lm_head_name
+from molmo_edge.runtime.hf_names import lm_head_name
 
 
 class RMSNorm(nn.Module):

@@ -19,10 +19,10 @@ import numpy as np
 from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.weights import lm_head_name
+from molmo_edge.runtime.hf_names import lm_head_name
 
-from .graph import GraphBuilder
-from .onnx_graphs import F32, Get, _moe
+from molmo_edge.export.graph import GraphBuilder
+from molmo_edge.export.onnx_graphs import F32, Get, _moe
 
 MS = "com.microsoft"
 KV_LAYOUT = "bnsh-shared"

@@ -22,9 +22,9 @@ import numpy as np
 from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.weights import lm_head_name
+from molmo_edge.runtime.hf_names import lm_head_name
 
-from .graph import GraphBuilder
+from molmo_edge.export.graph import GraphBuilder
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 Get = Callable[[str], np.ndarray]

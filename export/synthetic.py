@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 
 from molmo_edge.runtime.config import IMAGE_TOKENS, config_from_hf
-from molmo_edge.runtime.weights import hf_weight_shapes
+from molmo_edge.runtime.hf_names import hf_weight_shapes
 
 FAMILIES = ("molmoe-1b", "molmo-7b-o", "molmo-7b-d", "molmo-72b")
 

@@ -10,9 +10,9 @@ __all__ = ["Molmo", "Answer", "load_bundle"]
 
 def __getattr__(name: str) -> Any:  # lazy: `molmo-edge --help` should not pay for OpenCV and onnxruntime
     if name in ("Molmo", "Answer"):
-        from . import session
+        from molmo_edge.runtime import session
         return getattr(session, name)
     if name == "load_bundle":
-        from .bundle import load_bundle
+        from molmo_edge.runtime.bundle import load_bundle
         return load_bundle
     raise AttributeError(name)

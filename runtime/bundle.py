@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import MolmoConfig
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.config import MolmoConfig
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 FORMAT = "molmo-edge-bundle"
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

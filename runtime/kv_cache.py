@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 
 class ContextOverflow(MolmoEdgeError):

@@ -1,9 +1,21 @@
-"""Facts about this machine that reports and budgets need: memory, CPU, package versions."""
+"""Facts about this machine, in one place: memory, CPU, package versions, and on a Jetson the L4T/JetPack
+release, the module, the power mode and tegrastats samples.
+
+Every Jetson reader has a pure parser (tested with recorded outputs) and a thin function that runs the
+tool or reads the file; off Jetson they return None instead of failing. `snapshot()` is what
+`molmo-edge bench` records next to its timings; `TegrastatsRecorder` samples during a run.
+"""
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
 import platform
+import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 PACKAGES = (("molmo-edge", "molmo_edge"), ("numpy", "numpy"), ("onnxruntime", "onnxruntime"), ("onnx", "onnx"),
@@ -43,8 +55,267 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
                             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
     try:  # Jetson extras (power mode, tegrastats), when the tools exist
-        from . import jetson_info
-        info.update(jetson_info.snapshot())
+        info.update(snapshot())
     except Exception:  # noqa: BLE001 - optional: not a Jetson, or tools missing
         pass
     return info
+
+NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
+DEVICE_TREE_MODEL = "/proc/device-tree/model"
+
+# L4T release -> JetPack (jetson-containers l4t_version.py; docs/jetson-targets.md; tensorrt notes §6.1)
+_L4T_JETPACK: list[tuple[tuple[int, ...], str]] = [
+    ((35, 2, 1), "5.1"), ((35, 3, 1), "5.1.1"), ((35, 4, 1), "5.1.2"), ((35, 5, 0), "5.1.3"), ((35, 6, 0), "5.1.4"),
+    ((35, 6, 1), "5.1.5"), ((36, 3, 0), "6.0"), ((36, 4, 0), "6.1"), ((36, 4, 3), "6.2"), ((36, 4, 4), "6.2.1"),
+    ((36, 5, 0), "6.2.2"), ((38, 2, 0), "7.0"), ((38, 4, 0), "7.1"), ((39, 2, 0), "7.2"),
+]
+# JetPack line -> the stack it ships (same sources); "verify" marks what the docs leave open
+JETPACK_STACK: dict[str, dict[str, str]] = {
+    "5.1": {"cuda": "11.4", "tensorrt": "8.5", "python": "3.8", "ubuntu": "20.04"},
+    "6.0": {"cuda": "12.2", "tensorrt": "8.6", "python": "3.10", "ubuntu": "22.04"},
+    "6.1": {"cuda": "12.6", "tensorrt": "10.3", "python": "3.10", "ubuntu": "22.04"},
+    "6.2": {"cuda": "12.6", "tensorrt": "10.3", "python": "3.10", "ubuntu": "22.04"},
+    "7.0": {"cuda": "13.0", "tensorrt": "10.13", "python": "3.12", "ubuntu": "24.04"},
+    "7.1": {"cuda": "13.0", "tensorrt": "10.13", "python": "3.12", "ubuntu": "24.04"},
+    "7.2": {"cuda": "13.2", "tensorrt": "10.16 (verify)", "python": "3.12", "ubuntu": "24.04"},
+}
+
+
+def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
+    if not shutil.which(cmd[0]):
+        return None
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+# --- L4T / JetPack --------------------------------------------------------------------------
+def parse_nv_tegra_release(text: str) -> str | None:
+    """'# R36 (release), REVISION: 4.3, GCID: ...' -> '36.4.3'."""
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", text or "")
+    if not m:
+        return None
+    return f"{m.group(1)}.{m.group(2)}.{m.group(3) or 0}"
+
+
+def parse_l4t_core_version(text: str) -> str | None:
+    """dpkg version of nvidia-l4t-core, '36.4.3-20250107174145' -> '36.4.3'."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return f"{m.group(1)}.{m.group(2)}.{m.group(3) or 0}" if m else None
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def jetpack_for_l4t(l4t: str | None) -> str | None:
+    """The JetPack release of an L4T release: the newest entry not above it on the same major."""
+    if not l4t:
+        return None
+    v = _vtuple(l4t)
+    best = None
+    for rel, jp in _L4T_JETPACK:
+        if rel[0] == v[0] and rel <= v + (0,) * (3 - len(v)):
+            best = jp
+    return best
+
+
+def jetpack_line(jetpack: str | None) -> str | None:
+    """'6.2.1' -> '6.2' (the JETPACK_STACK key)."""
+    if not jetpack:
+        return None
+    parts = jetpack.split(".")
+    key = ".".join(parts[:2])
+    return key if key in JETPACK_STACK else None
+
+
+def read_l4t_release() -> str | None:
+    text = _read(NV_TEGRA_RELEASE)
+    rel = parse_nv_tegra_release(text or "")
+    if rel:
+        return rel
+    out = _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-l4t-core"])
+    return parse_l4t_core_version(out or "")
+
+
+def read_device_model() -> str | None:
+    text = _read(DEVICE_TREE_MODEL)
+    return text.strip("\x00\n ") if text else None
+
+
+# --- power mode and clocks -------------------------------------------------------------------
+def parse_nvpmodel(text: str) -> dict[str, Any] | None:
+    """`nvpmodel -q` -> {'name': 'MAXN', 'id': 0}."""
+    m = re.search(r"NV Power Mode:\s*(\S+)", text or "")
+    if not m:
+        return None
+    out: dict[str, Any] = {"name": m.group(1)}
+    ids = re.findall(r"^\s*(\d+)\s*$", text, re.M)
+    if ids:
+        out["id"] = int(ids[-1])
+    return out
+
+
+def read_power_mode() -> dict[str, Any] | None:
+    return parse_nvpmodel(_run(["nvpmodel", "-q"]) or "")
+
+
+def read_jetson_clocks() -> str | None:
+    """`jetson_clocks --show` (needs root); None when it cannot be read."""
+    if os.geteuid() != 0:
+        return None
+    out = _run(["jetson_clocks", "--show"])
+    return out.strip() if out else None
+
+
+# --- tegrastats ------------------------------------------------------------------------------
+_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*)\s+(\d+)mW/(\d+)mW")   # VDD_IN, VIN_SYS_5V0, VDDQ_VDD2_1V8AO, GPU ...
+
+
+def parse_tegrastats(line: str) -> dict[str, Any] | None:
+    """One tegrastats line -> RAM, swap, CPU load, GPU load and clock, EMC, temperatures, power rails (mW)."""
+    if not line or "RAM" not in line:
+        return None
+    out: dict[str, Any] = {}
+    m = re.search(r"RAM (\d+)/(\d+)MB", line)
+    if m:
+        out["ram_used_mb"], out["ram_total_mb"] = int(m.group(1)), int(m.group(2))
+    m = re.search(r"SWAP (\d+)/(\d+)MB", line)
+    if m:
+        out["swap_used_mb"] = int(m.group(1))
+    m = re.search(r"CPU \[([^\]]*)\]", line)
+    if m:
+        loads = [int(x) for x in re.findall(r"(\d+)%@", m.group(1))]
+        out["cpu_load_pct"] = round(sum(loads) / len(loads), 1) if loads else 0.0
+    m = re.search(r"GR3D_FREQ (\d+)%(?:@\[?(\d+))?", line)
+    if m:
+        out["gpu_load_pct"] = int(m.group(1))
+        if m.group(2):
+            out["gpu_mhz"] = int(m.group(2))
+    m = re.search(r"EMC_FREQ (\d+)%(?:@(\d+))?", line)
+    if m:
+        out["emc_load_pct"] = int(m.group(1))
+    temps = {k: float(v) for k, v in re.findall(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b", line)}
+    if temps:
+        out["temp_c"] = temps
+    rails = {name: int(now) for name, now, _avg in _RAIL.findall(line)}
+    if rails:
+        out["power_mw"] = rails
+    return out
+
+
+def summarize_tegrastats(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean/max of GPU load and of every rail, peak RAM, over a run's samples."""
+    if not samples:
+        return {"samples": 0}
+    out: dict[str, Any] = {"samples": len(samples)}
+    ram = [s["ram_used_mb"] for s in samples if "ram_used_mb" in s]
+    if ram:
+        out["ram_peak_mb"] = max(ram)
+    gpu = [s["gpu_load_pct"] for s in samples if "gpu_load_pct" in s]
+    if gpu:
+        out["gpu_load_pct"] = {"mean": round(sum(gpu) / len(gpu), 1), "max": max(gpu)}
+    rails: dict[str, list[int]] = {}
+    for s in samples:
+        for k, v in s.get("power_mw", {}).items():
+            rails.setdefault(k, []).append(v)
+    if rails:
+        out["power_mw"] = {k: {"mean": round(sum(v) / len(v), 1), "max": max(v)} for k, v in rails.items()}
+    return out
+
+
+class TegrastatsRecorder:
+    """Sample tegrastats while a block runs: `with TegrastatsRecorder() as r: ...; r.summary()`.
+    Does nothing (0 samples) where tegrastats is missing."""
+
+    def __init__(self, interval_ms: int = 200):
+        self.interval_ms = interval_ms
+        self.samples: list[dict[str, Any]] = []
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "TegrastatsRecorder":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if not shutil.which("tegrastats"):
+            return
+        self._proc = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            s = parse_tegrastats(line)
+            if s:
+                self.samples.append(s)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            self._proc = None
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+
+    def summary(self) -> dict[str, Any]:
+        return summarize_tegrastats(self.samples)
+
+
+def tegrastats_sample(interval_ms: int = 200, timeout: float = 3.0) -> dict[str, Any] | None:
+    """One parsed tegrastats line, or None where tegrastats is missing."""
+    with TegrastatsRecorder(interval_ms) as r:
+        t0 = time.monotonic()
+        while not r.samples and time.monotonic() - t0 < timeout and r._proc is not None:
+            time.sleep(0.05)
+    return r.samples[0] if r.samples else None
+
+
+@dataclass
+class JetsonInfo:
+    l4t: str | None
+    jetpack: str | None
+    model: str | None
+    power_mode: dict[str, Any] | None
+
+    @property
+    def is_jetson(self) -> bool:
+        return self.l4t is not None or (self.model or "").lower().startswith("nvidia jetson")
+
+
+def read_info() -> JetsonInfo:
+    l4t = read_l4t_release()
+    return JetsonInfo(l4t, jetpack_for_l4t(l4t), read_device_model(), read_power_mode() if l4t else None)
+
+
+def snapshot(tegrastats: bool = True) -> dict[str, Any]:
+    """What bench records about a Jetson: release, module, power mode, clocks, one tegrastats sample.
+    {} off Jetson."""
+    info = read_info()
+    if not info.is_jetson:
+        return {}
+    out: dict[str, Any] = {"jetson": {"l4t": info.l4t, "jetpack": info.jetpack, "model": info.model,
+                                      "power_mode": info.power_mode, "jetson_clocks": read_jetson_clocks()}}
+    if tegrastats:
+        out["jetson"]["tegrastats"] = tegrastats_sample()
+    return out

@@ -6,7 +6,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .pointing import Point
+from molmo_edge.runtime.pointing import Point
 
 
 def draw_points(rgb: np.ndarray, points: Sequence[Point], caption: str = "") -> np.ndarray:
@@ -27,7 +27,7 @@ def draw_points(rgb: np.ndarray, points: Sequence[Point], caption: str = "") -> 
 
 
 def save_overlay(path: str, rgb: np.ndarray, points: Sequence[Point], caption: str = "") -> None:
-    from .errors import MolmoEdgeError
+    from molmo_edge.runtime.errors import MolmoEdgeError
     ok = cv2.imwrite(path, draw_points(rgb, points, caption))
     if not ok:
         raise MolmoEdgeError(f"cannot write the overlay {path}; use a .jpg or .png path in a writable folder")

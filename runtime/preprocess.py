@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 if TYPE_CHECKING:
-    from .config import MolmoConfig
+    from molmo_edge.runtime.config import MolmoConfig
 
 __all__ = [
     "ImageError", "ImageCrops", "load_image", "resize_bilinear_aa", "select_tiling",

@@ -5,15 +5,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import MolmoConfig, load_config
-from .preprocess import ImageCrops, build_inputs, preprocess_image
-from .tokenizer import MolmoTokenizer
+from molmo_edge.runtime.config import MolmoConfig, load_config
+from molmo_edge.runtime.preprocess import ImageCrops, build_inputs, preprocess_image
+from molmo_edge.runtime.tokenizer import MolmoTokenizer
 
 
 class MolmoProcessor:
     def __init__(self, folder: str, cfg: MolmoConfig | None = None):
         if cfg is None:
-            from .bundle import is_bundle, load_bundle
+            from molmo_edge.runtime.bundle import is_bundle, load_bundle
             cfg = load_bundle(folder).config if is_bundle(folder) else load_config(folder)
         self.cfg = cfg
         self.tokenizer = MolmoTokenizer(folder, self.cfg)

@@ -20,11 +20,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle
-from .generate import GenerationOptions, generate
-from .pointing import Point, parse_count, parse_points
-from .preprocess import ImageCrops, load_image
-from .processor import MolmoProcessor
+from molmo_edge.runtime.bundle import Bundle, load_bundle
+from molmo_edge.runtime.generate import GenerationOptions, generate
+from molmo_edge.runtime.pointing import Point, parse_count, parse_points
+from molmo_edge.runtime.preprocess import ImageCrops, load_image
+from molmo_edge.runtime.processor import MolmoProcessor
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Molmo:
 
     @classmethod
     def load(cls, path: str, backend: str = "onnxruntime", **backend_options) -> "Molmo":
-        from .backends import open_backend
+        from molmo_edge.runtime.backends import open_backend
         bundle = load_bundle(path)
         return cls(bundle, open_backend(bundle, backend, **backend_options))
 

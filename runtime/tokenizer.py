@@ -10,8 +10,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from .config import IMAGE_TOKENS, MolmoConfig
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.config import IMAGE_TOKENS, MolmoConfig
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 
 class TokenizerError(MolmoEdgeError):

@@ -224,7 +224,7 @@ def test_fused_and_portable_decoders_agree(bundles, family):
 
 
 def test_bench_command_reports_every_stage(bundles):
-    from molmo_edge.runtime.bench import format_table, run_bench
+    from molmo_edge.runtime.device.bench import format_table, run_bench
     res = run_bench(Molmo.load(bundles["molmo-7b-d"]), runs=1, decode_tokens=3)
     s = res["stages"]
     for k in ("preprocess_ms", "vision_ms_per_crop", "vision_ms_per_frame", "prefill_tokens_per_s", "decode_tokens_per_s",

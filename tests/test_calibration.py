@@ -19,7 +19,7 @@ from molmo_edge.calibration.frames import select_frames  # noqa: E402
 from molmo_edge.calibration.report import load_prompts  # noqa: E402
 from molmo_edge.calibration.scenes import scene, write_images, write_video  # noqa: E402
 from molmo_edge.calibration.trt_cache import read_cache  # noqa: E402
-from molmo_edge.calibration.weights import quantize_decoder_weights  # noqa: E402
+from molmo_edge.calibration.weight_quant import quantize_decoder_weights  # noqa: E402
 from molmo_edge.export.bundle import export_bundle  # noqa: E402
 from molmo_edge.runtime.bundle import load_bundle  # noqa: E402
 from molmo_edge.runtime.session import Molmo  # noqa: E402
@@ -358,7 +358,7 @@ def test_prompts_file(tmp_path):
 
 
 def test_cli_calibrate_and_quantize(base_bundle, frames_dir, tmp_path, capsys):
-    from molmo_edge.runtime.cli import main
+    from molmo_edge.runtime.cli.main import main
     b = str(tmp_path / "b")
     shutil.copytree(base_bundle, b)
     prompts = tmp_path / "p.txt"
@@ -383,7 +383,7 @@ def test_cli_calibrate_and_quantize(base_bundle, frames_dir, tmp_path, capsys):
 
 
 def test_camera_is_recorded_until_enough_distinct_frames(monkeypatch):
-    import molmo_edge.runtime.sources as sources
+    import molmo_edge.runtime.cameras as sources
 
     class FakeCamera:  # the runtime's Source interface: read(timeout) -> Frame(id, rgb, timestamp), close()
         def __init__(self, scenes, per_scene):

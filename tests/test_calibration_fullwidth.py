@@ -19,7 +19,7 @@ from molmo_edge.export.onnx_graphs import build_vision  # noqa: E402
 from molmo_edge.export.synthetic import _random_tensor, family_config  # noqa: E402
 from molmo_edge.runtime.config import config_from_hf  # noqa: E402
 from molmo_edge.runtime.preprocess import preprocess_image  # noqa: E402
-from molmo_edge.runtime.weights import vision_weight_shapes  # noqa: E402
+from molmo_edge.runtime.hf_names import vision_weight_shapes  # noqa: E402
 
 
 @pytest.fixture(scope="module")

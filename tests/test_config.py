@@ -3,7 +3,7 @@ import json
 import pytest
 
 from molmo_edge.runtime.config import ConfigError, config_from_hf, load_config
-from molmo_edge.runtime.weights import hf_weight_shapes, parameter_count
+from molmo_edge.runtime.hf_names import hf_weight_shapes, parameter_count
 
 MOLMOE_REAL = {  # allenai/MolmoE-1B-0924 config.json, the keys that matter (molmo-spec.md §2.1)
     "model_type": "molmo", "block_type": "moe", "d_model": 2048, "n_heads": 16, "n_kv_heads": None, "n_layers": 16,

@@ -7,8 +7,8 @@ import shutil
 import pytest
 from conftest import export_tiny_bundles
 
-from molmo_edge.runtime import jetson_info as ji
-from molmo_edge.runtime.doctor import Facts, diagnose, diagnose_bundle, exit_code, format_findings, gather_facts
+from molmo_edge.runtime import machine as ji
+from molmo_edge.runtime.device.doctor import Facts, diagnose, diagnose_bundle, exit_code, format_findings, gather_facts
 
 JP62_RELEASE = ("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 "
                 "UTC 2025\n# KERNEL_VARIANT: oot\nTARGET_USERSPACE_LIB_DIR=nvidia\n")
@@ -20,7 +20,7 @@ AGX_JP5_TEGRASTATS = ("RAM 3009/30536MB (lfb 6566x4MB) SWAP 0/15268MB (cached 0M
                       "VDD_GPU_SOC 9394mW/8394mW VDD_CPU_CV 399mW/399mW VIN_SYS_5V0 2322mW/2322mW VDDQ_VDD2_1V8AO 401mW/401mW")
 
 
-# --- jetson_info parsers ---------------------------------------------------------------------------
+# --- Jetson fact parsers (runtime/machine.py) ---------------------------------------------------------------------------
 def test_l4t_and_jetpack():
     assert ji.parse_nv_tegra_release(JP62_RELEASE) == "36.4.3"
     assert ji.parse_nv_tegra_release("# R38 (release), REVISION: 2.0, GCID: 1, BOARD: generic") == "38.2.0"
@@ -128,7 +128,7 @@ def bundles(tiny_checkpoints, tmp_path_factory):
 
 def test_bundle_on_a_jetson(bundles, tmp_path):
     from molmo_edge.runtime.bundle import load_bundle
-    from molmo_edge.runtime.engine_cache import (TrtEnv, build_plan, decoder_profiles, engine_key, vision_profiles,
+    from molmo_edge.runtime.tensorrt.engines import (TrtEnv, build_plan, decoder_profiles, engine_key, vision_profiles,
                                                  write_record)
     folder = str(tmp_path / "b")
     shutil.copytree(bundles["molmo-7b-d"], folder)
@@ -187,7 +187,7 @@ def test_missing_bundle_is_one_failure(tmp_path):
 def test_real_probe_and_cli(bundles, capsys):
     f = gather_facts()
     assert f.python and f.onnxruntime and "CPUExecutionProvider" in f.ort_providers
-    from molmo_edge.runtime.cli import main
+    from molmo_edge.runtime.cli.main import main
     rc = main(["doctor", bundles["molmo-7b-d"], "--json"])
     d = json.loads(capsys.readouterr().out)
     assert {x["area"] for x in d["findings"]} >= {"python", "tensorrt", "onnxruntime", "bundle"}

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from molmo_edge.runtime.engine_cache import (BuildConfigError, EngineError, TrtEnv, build_plan, check_calibration_cache,
+from molmo_edge.runtime.tensorrt.engines import (BuildConfigError, EngineError, TrtEnv, build_plan, check_calibration_cache,
                                              classify, decoder_buffers, decoder_call_shapes, decoder_profiles,
                                              default_workspace_mb, engine_key, engine_precision, find_engine, graph_hash,
                                              kv_addresses, kv_cache_bytes, max_image_tokens, mismatches, nbytes,

@@ -4,7 +4,7 @@ import sys
 
 
 def test_runtime_imports_no_torch():
-    code = ("import sys, molmo_edge.runtime, molmo_edge.runtime.cli, molmo_edge.runtime.session, "
+    code = ("import sys, molmo_edge.runtime, molmo_edge.runtime.cli.main, molmo_edge.runtime.session, "
             "molmo_edge.runtime.preprocess, molmo_edge.runtime.backends.ort; "
             "bad = [m for m in ('torch', 'onnx', 'safetensors', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")

@@ -99,7 +99,7 @@ def test_photo_question_answer_points(page, pointing_bundle, tmp_path):  # noqa:
 
 
 def test_live_camera_question_answer_points(page, pointing_bundle, tmp_path):  # noqa: F811
-    from molmo_edge.runtime.sources import open_source
+    from molmo_edge.runtime.cameras import open_source
     src = open_source(make_video(tmp_path / "cam.mp4", n=30), loop=True)
     try:
         with serving(pointing_bundle, src) as (base, _):

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from molmo_edge.runtime.devices import DEVICES, get_device, match_device
+from molmo_edge.runtime.device.targets import DEVICES, get_device, match_device
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.plan import (GiB, PlanSettings, decoder_shapes, format_plan, make_plan, memory, vision_shapes_used,
+from molmo_edge.runtime.device.plan import (GiB, PlanSettings, decoder_shapes, format_plan, make_plan, memory, vision_shapes_used,
                                      weight_bytes)
-from molmo_edge.runtime.weights import parameter_count
+from molmo_edge.runtime.hf_names import parameter_count
 
 
 def _cfg(family):
@@ -116,7 +116,7 @@ def test_dense_7b_plan_runs(moe):
 
 def test_cli_plan(tiny_checkpoints, tmp_path, capsys):
     from molmo_edge.export.bundle import export_bundle
-    from molmo_edge.runtime.cli import main
+    from molmo_edge.runtime.cli.main import main
     out = str(tmp_path / "b")
     export_bundle(tiny_checkpoints["molmoe-1b"], out, check=False, progress=lambda *_: None)
     assert main(["plan", out, "--device", "orin-nano-8gb"]) == 0

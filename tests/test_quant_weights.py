@@ -14,7 +14,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from molmo_edge.calibration import CalibrationError  # noqa: E402
-from molmo_edge.calibration.weights import dequantize_blockwise, quantize_blockwise, quantize_decoder_weights  # noqa: E402
+from molmo_edge.calibration.weight_quant import dequantize_blockwise, quantize_blockwise, quantize_decoder_weights  # noqa: E402
 from molmo_edge.export.bundle import export_bundle  # noqa: E402
 from molmo_edge.runtime.bundle import load_bundle  # noqa: E402
 from molmo_edge.runtime.session import Molmo  # noqa: E402
@@ -150,7 +150,7 @@ def _snapshot(folder):
 
 
 def test_interrupted_quantization_leaves_bundle_as_it_was(bundles, tmp_path, monkeypatch):
-    import molmo_edge.calibration.weights as wq
+    import molmo_edge.calibration.weight_quant as wq
     b = str(tmp_path / "b")
     shutil.copytree(bundles["molmo-7b-d"], b)
     before = _snapshot(b)

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
-from molmo_edge.runtime.server import App, Limits, make_server
+from molmo_edge.runtime.serve.server import App, Limits, make_server
 
 POINT_ANSWER = "(61, 42)"
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ LIMITS = dict(max_body_bytes=2 << 20, max_image_pixels=200_000, queue_size=4, ti
 
 @pytest.fixture(scope="module")
 def server(pointing_bundle, tmp_path_factory):
-    from molmo_edge.runtime.sources import open_source
+    from molmo_edge.runtime.cameras import open_source
     video = make_video(tmp_path_factory.mktemp("cam") / "cam.mp4")
     src = open_source(video, loop=True)
     with serving(pointing_bundle, src, limits=Limits(**LIMITS)) as (base, app):

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from molmo_edge.runtime.sources import Source, SourceEnded, SourceError, _Reader, open_source
+from molmo_edge.runtime.cameras import Source, SourceEnded, SourceError, _Reader, open_source
 
 
 def make_video(path, n=30, fps=20, size=(160, 120)):
@@ -141,7 +141,7 @@ class FlakyCamera:
 
 
 def test_live_source_reconnects_with_backoff_and_says_so(monkeypatch):
-    monkeypatch.setattr("molmo_edge.runtime.sources._BACKOFF", (0.05, 0.2))
+    monkeypatch.setattr("molmo_edge.runtime.cameras._BACKOFF", (0.05, 0.2))
     said = []
     cam = FlakyCamera(life=5, down=2)
     with Source(cam.open, "fake://cam", live=True, on_status=said.append) as src:
@@ -153,7 +153,7 @@ def test_live_source_reconnects_with_backoff_and_says_so(monkeypatch):
 
 
 def test_live_source_given_up_raises(monkeypatch):
-    monkeypatch.setattr("molmo_edge.runtime.sources._BACKOFF", (0.05, 0.1))
+    monkeypatch.setattr("molmo_edge.runtime.cameras._BACKOFF", (0.05, 0.1))
     cam = FlakyCamera(life=2, down=10**6)
     src = Source(cam.open, "fake://cam", live=True, retry_for=0.4, on_status=lambda m: None)
     assert [src.read(timeout=5).id for _ in range(2)] == [0, 1]
@@ -199,7 +199,7 @@ def _stop(srv):
 
 def test_mjpeg_stream_dies_and_comes_back(monkeypatch):
     """The real FFmpeg path: an HTTP camera on loopback stops mid-stream, then returns on the same port."""
-    monkeypatch.setattr("molmo_edge.runtime.sources._BACKOFF", (0.2, 0.4))
+    monkeypatch.setattr("molmo_edge.runtime.cameras._BACKOFF", (0.2, 0.4))
     srv = _camera_server()
     port = srv.server_address[1]
     said = []

@@ -24,7 +24,7 @@ from conftest import export_tiny_bundles
 from molmo_edge.runtime.backends.trt import (DeviceKVCache, TensorRTMissing, TrtBackend, build_engines, dtype_name,
                                              expected_io, io_problems)
 from molmo_edge.runtime.bundle import load_bundle
-from molmo_edge.runtime.engine_cache import BuildConfigError, EngineError
+from molmo_edge.runtime.tensorrt.engines import BuildConfigError, EngineError
 from molmo_edge.runtime.kv_cache import ContextOverflow
 
 onnx = pytest.importorskip("onnx")
@@ -531,9 +531,9 @@ def test_trt_modules_import_nothing_heavy():
     """The TensorRT/Jetson modules import neither torch, onnx, tensorrt nor the CUDA bindings at import time."""
     import subprocess
     import sys
-    code = ("import sys, molmo_edge.runtime.cli_trt, molmo_edge.runtime.trt_support, molmo_edge.runtime.engine_cache, "
-            "molmo_edge.runtime.plan, molmo_edge.runtime.doctor, molmo_edge.runtime.jetson_info, "
-            "molmo_edge.runtime.devices, molmo_edge.runtime.backends.trt; "
+    code = ("import sys, molmo_edge.runtime.cli.device, molmo_edge.runtime.tensorrt.check, molmo_edge.runtime.tensorrt.engines, "
+            "molmo_edge.runtime.device.plan, molmo_edge.runtime.device.doctor, molmo_edge.runtime.machine, "
+            "molmo_edge.runtime.device.targets, molmo_edge.runtime.backends.trt; "
             "bad = [m for m in ('torch', 'onnx', 'tensorrt', 'cuda', 'pycuda') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -547,7 +547,7 @@ def test_bench_and_watch_run_on_the_tensorrt_backend(dense, tmp_path, monkeypatc
 
     import molmo_edge.runtime.backends as backends
     import molmo_edge.runtime.backends.trt as trt_mod
-    from molmo_edge.runtime.cli import main
+    from molmo_edge.runtime.cli.main import main
     cuda = FakeCuda()
     cfg = load_bundle(dense).config
     _build(dense, cuda, max_crops=cfg.preprocess.max_crops, max_seq=min(2048, cfg.max_sequence_length))

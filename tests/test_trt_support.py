@@ -10,7 +10,7 @@ from conftest import export_tiny_bundles
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from molmo_edge.runtime.trt_support import (ONNX_TYPES, TRT_VERSIONS, TrtCheckError, check_bundle, check_for_export,  # noqa: E402
+from molmo_edge.runtime.tensorrt.check import (ONNX_TYPES, TRT_VERSIONS, TrtCheckError, check_bundle, check_for_export,  # noqa: E402
                                             check_graph, load_table, normalize_trt_version, read_onnx)
 
 QUIET = dict(progress=lambda *_: None)
@@ -145,7 +145,7 @@ def test_explicit_graph_and_unknown_graph(bundles):
 
 
 def test_cli_check_trt(bundles, capsys):
-    from molmo_edge.runtime.cli import main
+    from molmo_edge.runtime.cli.main import main
     assert main(["check-trt", bundles["molmo-7b-d"]]) == 0
     assert "all graphs meant for TensorRT pass" in capsys.readouterr().out
     assert main(["check-trt", bundles["molmoe-1b"], "--trt", "10.13", "--json"]) == 0

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from molmo_edge.runtime.sources import Source, open_source
-from molmo_edge.runtime.watch import OverlayVideo, scene_changed, scene_signature, watch
+from molmo_edge.runtime.cameras import Source, open_source
+from molmo_edge.runtime.serve.watch import OverlayVideo, scene_changed, scene_signature, watch
 from test_server import POINT_ANSWER, pointing_bundle  # noqa: F401 (fixture)
 from test_sources import FlakyCamera, _camera_server, _stop
 
@@ -81,7 +81,7 @@ def test_every_seconds_and_dropped_frames(model, tmp_path):
 
 
 def test_live_source_dies_mid_stream_and_comes_back(model, monkeypatch):
-    monkeypatch.setattr("molmo_edge.runtime.sources._BACKOFF", (0.05, 0.1))
+    monkeypatch.setattr("molmo_edge.runtime.cameras._BACKOFF", (0.05, 0.1))
     said, lines = [], []
     cam = FlakyCamera(life=4, down=2)
     with Source(cam.open, "fake://cam", live=True, on_status=said.append) as src:

@@ -6,17 +6,17 @@ A backend has: `name`, `vision(images, image_masks) -> features [N, 144, d]`,
 """
 from __future__ import annotations
 
-from ..bundle import Bundle
-from ..errors import MolmoEdgeError
+from molmo_edge.runtime.bundle import Bundle
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def open_backend(bundle: Bundle, name: str = "onnxruntime", **options):
     if name == "onnxruntime":
-        from .ort import OrtBackend
+        from molmo_edge.runtime.backends.ort import OrtBackend
         return OrtBackend(bundle, **options)
     if name == "tensorrt":
-        from .trt import TrtBackend
+        from molmo_edge.runtime.backends.trt import TrtBackend
         return TrtBackend(bundle, **options)
     raise MolmoEdgeError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError
-from ..errors import MolmoEdgeError
-from ..kv_cache import KVCache
+from molmo_edge.runtime.bundle import Bundle, BundleError
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.kv_cache import KVCache
 
 
 def default_providers() -> list[str]:
@@ -23,7 +23,7 @@ class OrtBackend:
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
                  precision: str = "fp32", fused: bool | None = None):
         import onnxruntime as ort
-        from ..bundle import select_graphs
+        from molmo_edge.runtime.bundle import select_graphs
 
         self.bundle = bundle
         self.cfg = bundle.config

@@ -1,7 +1,7 @@
 """TensorRT backend and engine builder: the thin layer over the TensorRT 10.3/10.13 Python API.
 
 Every decision (which graph, typing and flags, profiles, keys, which profile a call runs in, buffer
-sizes, KV addresses) is made by runtime/engine_cache.py and tested there; this module only calls
+sizes, KV addresses) is made by runtime/tensorrt/engines.py and tested there; this module only calls
 TensorRT and CUDA. `tensorrt` and the CUDA bindings are imported when a backend or a build is
 created, never at import time, and their absence is one clear error.
 
@@ -22,15 +22,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..bundle import Bundle, load_bundle
-from ..engine_cache import (ENGINES, BuildConfigError, EngineError, GraphBuild, Profile, ShapeRange, TrtEnv,
+from molmo_edge.runtime.bundle import Bundle, load_bundle
+from molmo_edge.runtime.tensorrt.engines import (ENGINES, BuildConfigError, EngineError, GraphBuild, Profile, ShapeRange, TrtEnv,
                             build_plan, check_calibration_cache, decoder_buffers, decoder_call_shapes, decoder_profiles,
                             default_workspace_mb, engine_key, engine_precision, find_engine, kv_addresses, nbytes,
                             read_cache_header, read_record, select_profile, timing_cache_path, verify_files,
                             vision_buffers, vision_profiles, write_record, mismatches, DEFAULT_MAX_EXTEND,
                             DEFAULT_MAX_LOGITS)
-from ..errors import MolmoEdgeError
-from ..kv_cache import KVCache
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.kv_cache import KVCache
 
 
 class TensorRTMissing(MolmoEdgeError):
@@ -181,7 +181,7 @@ def open_cuda():
 
 
 def current_env(trt: Any, cuda: Any) -> TrtEnv:
-    from ..jetson_info import jetpack_for_l4t, read_l4t_release
+    from molmo_edge.runtime.machine import jetpack_for_l4t, read_l4t_release
     name, cc, _ = cuda.device()
     l4t = read_l4t_release()
     try:
@@ -513,7 +513,7 @@ def build_engines(folder: str, precision: str = "fp16", int8_mode: str = "qdq", 
                   force: bool = False, max_extend: int = DEFAULT_MAX_EXTEND, max_logits: int = DEFAULT_MAX_LOGITS,
                   progress: Callable[[str], None] = print, _trt: Any = None, _cuda: Any = None) -> str:
     """Build (or confirm) the engines of a bundle for this machine; returns the engine folder."""
-    from ..trt_support import TRT_VERSIONS, check_graph, load_table, normalize_trt_version, read_onnx
+    from molmo_edge.runtime.tensorrt.check import TRT_VERSIONS, check_graph, load_table, normalize_trt_version, read_onnx
     clock = _Clock(progress)
     bundle = load_bundle(folder)
     cfg = bundle.config

@@ -1,8 +1,8 @@
 """The watch loop: ask one or more questions about frames from a source, one JSON line per answer.
 
     from molmo_edge.runtime import Molmo
-    from molmo_edge.runtime.sources import open_source
-    from molmo_edge.runtime.watch import watch
+    from molmo_edge.runtime.cameras import open_source
+    from molmo_edge.runtime.serve.watch import watch
     with open_source("/dev/video0") as cam:
         summary = watch(Molmo.load("bundle/"), cam, ["How many people are there?"], every=2.0, emit=print)
 
@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MolmoEdgeError
-from .sources import Frame, Source, SourceEnded, SourceError
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.cameras import Frame, Source, SourceEnded, SourceError
 
 __all__ = ["watch", "WatchSummary", "OverlayVideo", "scene_signature", "scene_changed"]
 
@@ -53,7 +53,7 @@ class OverlayVideo:
 
     def write(self, rgb: np.ndarray, points: Sequence[Any], caption: str) -> None:
         import cv2
-        from .overlay import draw_points
+        from molmo_edge.runtime.overlay import draw_points
         bgr = draw_points(rgb, points, caption)
         if self._writer is None:
             self._size = (bgr.shape[1], bgr.shape[0])
@@ -93,7 +93,7 @@ class WatchSummary:
 def _show(rgb: np.ndarray, points: Sequence[Any], caption: str) -> bool:
     """Draw in a window; False when the user closed it or pressed q/Esc."""
     import cv2
-    from .overlay import draw_points
+    from molmo_edge.runtime.overlay import draw_points
     cv2.imshow("molmo-edge watch", draw_points(rgb, points, caption))
     return cv2.waitKey(1) & 0xFF not in (ord("q"), 27)
 

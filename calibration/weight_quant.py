@@ -26,8 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from molmo_edge.runtime.machine import mem_available
 
-from . import CalibrationError
-from .staging import commit, staging
+from molmo_edge.calibration import CalibrationError
+from molmo_edge.calibration.staging import commit, staging
 
 BLOCK_SIZES = (32, 64, 128)
 ALIGN = 64
@@ -284,7 +284,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     if level not in (0, 1, 2, 3, 4):
         raise CalibrationError(f"--accuracy-level {accuracy_level} must be 0-4 (0: fp32 compute, 4: int8 compute)")
     bundle = load_bundle(bundle_dir)
-    from molmo_edge.runtime.weights import lm_head_name
+    from molmo_edge.runtime.hf_names import lm_head_name
     key, fname = f"decoder.int{bits}", f"decoder.int{bits}.onnx"
     base = bundle.manifest["graphs"]["decoder"]
     t0 = time.perf_counter()

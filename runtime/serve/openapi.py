@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .server import Limits
+    from molmo_edge.runtime.serve.server import Limits
 
 
 def openapi(lim: Limits) -> dict[str, Any]:

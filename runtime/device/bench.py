@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .machine import machine_info
+from molmo_edge.runtime.machine import machine_info
 
 
 def stats(samples: list[float]) -> dict[str, float]:
@@ -44,7 +44,7 @@ def sample_frame(h: int = 480, w: int = 640, seed: int = 0) -> np.ndarray:
 def run_bench(molmo, image: Any = None, runs: int = 5, prompt: str = "Point to the red block.",
               decode_tokens: int = 32, reduced_crops: int = 2) -> dict[str, Any]:
     """Every stage, with tegrastats sampled throughout on a Jetson (nothing is recorded elsewhere)."""
-    from .jetson_info import TegrastatsRecorder
+    from molmo_edge.runtime.machine import TegrastatsRecorder
 
     with TegrastatsRecorder() as rec:
         res = _run_stages(molmo, image, runs, prompt, decode_tokens, reduced_crops)
@@ -54,7 +54,7 @@ def run_bench(molmo, image: Any = None, runs: int = 5, prompt: str = "Point to t
 
 
 def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, reduced_crops: int) -> dict[str, Any]:
-    from .preprocess import load_image
+    from molmo_edge.runtime.preprocess import load_image
 
     rgb = load_image(image) if image is not None else sample_frame()
     cfg = molmo.cfg

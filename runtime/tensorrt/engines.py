@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 ENGINES = "engines"
 ENGINE_JSON = "engine.json"
@@ -126,7 +126,7 @@ def typical_prefill(cfg, max_crops: int) -> int:
 def _typical_prefill(cfg, max_crops: int) -> int:
     import numpy as np
 
-    from .preprocess import preprocess_image
+    from molmo_edge.runtime.preprocess import preprocess_image
     frame = np.zeros((480, 640, 3), np.uint8)
     return 1 + len(preprocess_image(frame, cfg, max_crops=max_crops).image_tokens)
 

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 SOURCES = "0, /dev/video0, csi://0, rtsp://..., http(s)://.../video.mjpg, clip.mp4, a folder or \"*.jpg\" glob, gst:PIPELINE"
 
@@ -25,14 +25,14 @@ def _quiet_opencv() -> None:
 
 
 def _load(a: argparse.Namespace):
-    from .cli import _backend_for, _model_folder, _runtime
+    from molmo_edge.runtime.cli.main import _backend_for, _model_folder, _runtime
     folder = _model_folder(a.bundle)
     return _runtime(folder, _backend_for(folder, a.backend or "onnxruntime"), a.precision)
 
 
 def cmd_watch(a: argparse.Namespace) -> int:
     _quiet_opencv()
-    from .sources import open_source
+    from molmo_edge.runtime.cameras import open_source
     if a.every is not None and a.every < 0:
         raise MolmoEdgeError(f"--every must be 0 or more seconds (got {a.every:g})")
     if a.show:
@@ -51,8 +51,8 @@ def cmd_watch(a: argparse.Namespace) -> int:
 
 
 def _watch(a: argparse.Namespace, source: Any) -> int:
-    from .server import sigterm_as_interrupt
-    from .watch import OverlayVideo, watch
+    from molmo_edge.runtime.serve.server import sigterm_as_interrupt
+    from molmo_edge.runtime.serve.watch import OverlayVideo, watch
     model = _load(a)
     out = open(a.jsonl, "a", encoding="utf-8") if a.jsonl else sys.stdout
 
@@ -104,7 +104,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import logging
     _limit_malloc_arenas()
     _quiet_opencv()
-    from .server import App, Limits, run_server
+    from molmo_edge.runtime.serve.server import App, Limits, run_server
     logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for flag, value in (("--queue-size", a.queue_size), ("--timeout", a.timeout), ("--max-body-mb", a.max_body_mb),
                         ("--max-image-mp", a.max_image_mp), ("--max-prompt-chars", a.max_prompt_chars),
@@ -120,7 +120,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     timeout_s=a.timeout, max_connections=a.max_connections, max_crops=a.max_crops)
     source = None
     if a.source:  # before the model: a missing camera fails at once
-        from .sources import open_source
+        from molmo_edge.runtime.cameras import open_source
         source = open_source(a.source, loop=True, on_status=lambda m: _say(f"source: {m}"))
     try:
         model = _load(a)
@@ -135,7 +135,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
-    from .cli import add_runtime_options
+    from molmo_edge.runtime.cli.main import add_runtime_options
     s.add_argument("bundle", metavar="BUNDLE", help="bundle folder made by `molmo-edge export`")
     s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per frame (fewer = faster)")
     add_runtime_options(s, ("onnxruntime", "tensorrt"))

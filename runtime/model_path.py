@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 
 class CheckpointError(MolmoEdgeError):

@@ -1,6 +1,6 @@
 """Camera and video sources named by one URI, read by a capture thread that keeps only the newest frame.
 
-    from molmo_edge.runtime.sources import open_source
+    from molmo_edge.runtime.cameras import open_source
     with open_source("/dev/video0") as cam:          # or 0, csi://0, rtsp://..., clip.mp4, frames/, "shots/*.jpg"
         for frame in cam:                              # Frame(id, rgb, timestamp); unpacks as a tuple
             save(frame.rgb)                            # HxWx3 uint8 RGB
@@ -34,7 +34,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 __all__ = ["Frame", "Source", "SourceError", "SourceEnded", "open_source", "IMAGE_EXTENSIONS"]
 
@@ -77,7 +77,7 @@ class _CvReader(_Reader):
         self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
 
     def read(self) -> np.ndarray | None:
-        from .preprocess import load_image
+        from molmo_edge.runtime.preprocess import load_image
         ok, frame = self.cap.read()
         if not ok or frame is None or frame.size == 0:
             return None
@@ -92,7 +92,7 @@ class _ImageListReader(_Reader):
         self.paths, self.i, self.on_status = paths, 0, on_status
 
     def read(self) -> np.ndarray | None:
-        from .preprocess import ImageError, load_image
+        from molmo_edge.runtime.preprocess import ImageError, load_image
         while self.i < len(self.paths):
             path = self.paths[self.i]
             self.i += 1

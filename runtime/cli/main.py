@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 EPILOG = """\
 examples:
@@ -33,12 +33,12 @@ def _progress(msg: str) -> None:
 
 
 def _model_folder(model: str) -> str:
-    from .source import resolve_model
+    from molmo_edge.runtime.model_path import resolve_model
     return resolve_model(model)
 
 
 def _processor(folder: str):
-    from .processor import MolmoProcessor
+    from molmo_edge.runtime.processor import MolmoProcessor
     return MolmoProcessor(folder)
 
 
@@ -60,7 +60,7 @@ def _load_inputs(path: str) -> dict[str, Any]:
 
 def _backend_for(folder: str, backend: str | None) -> str:
     """torch for checkpoints, onnxruntime for bundles, unless told otherwise (and it makes sense)."""
-    from .bundle import is_bundle
+    from molmo_edge.runtime.bundle import is_bundle
     bundle = is_bundle(folder)
     backend = backend or ("onnxruntime" if bundle else "torch")
     if bundle and backend == "torch":
@@ -73,7 +73,7 @@ def _backend_for(folder: str, backend: str | None) -> str:
 
 
 def _runtime(folder: str, backend: str, precision: str = "fp32"):
-    from .session import Molmo
+    from molmo_edge.runtime.session import Molmo
     t0 = time.perf_counter()
     _progress(f"loading bundle {folder} ({backend}, {precision}) ...")
     m = Molmo.load(folder, backend, precision=precision)
@@ -144,7 +144,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
     backend = _backend_for(folder, a.backend)
     if backend == "torch":
         return _ask_torch(a, folder, prompts)
-    from .preprocess import load_image
+    from molmo_edge.runtime.preprocess import load_image
     m = _runtime(folder, backend, a.precision)
     rgb = load_image(a.image) if a.image else None
     stream = a.stream and not a.json
@@ -167,7 +167,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
     if a.overlay:
         if rgb is None:
             raise MolmoEdgeError("--overlay needs --image: there is nothing to draw on")
-        from .overlay import save_overlay
+        from molmo_edge.runtime.overlay import save_overlay
         save_overlay(a.overlay, rgb, last.points, last.text)
         _progress(f"wrote {a.overlay} ({len(last.points)} points)")
     return 0
@@ -223,7 +223,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # Commands that live next to their subsystem: each module has `add_commands(subparsers)` and keeps
 # its heavy imports inside the command functions.
-COMMAND_MODULES = ("cli_stream", "cli_calibrate", "cli_trt", "cli_bench")
+COMMAND_MODULES = ("stream", "calibrate", "device", "bench")
 
 
 def _add_module_commands(sub) -> None:
@@ -345,6 +345,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

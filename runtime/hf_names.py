@@ -5,7 +5,7 @@ model's loader and the tiny test checkpoints (molmo-spec.md §2).
 """
 from __future__ import annotations
 
-from .config import MolmoConfig
+from molmo_edge.runtime.config import MolmoConfig
 
 Shape = tuple[int, ...]
 

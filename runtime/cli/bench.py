@@ -7,8 +7,8 @@ import sys
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench
-    from .cli import _backend_for, _model_folder, _runtime
+    from molmo_edge.runtime.device.bench import format_table, run_bench
+    from molmo_edge.runtime.cli.main import _backend_for, _model_folder, _runtime
 
     folder = _model_folder(a.bundle)
     m = _runtime(folder, _backend_for(folder, a.backend or "onnxruntime"), a.precision)
@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
     s.add_argument("--runs", type=int, default=5, help="timed runs per stage (default 5)")
     s.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode measurement (default 32)")
     s.add_argument("--reduced-crops", type=int, default=2, help="also time vision at this max_crops (0 to skip)")
-    from .cli import add_runtime_options
+    from molmo_edge.runtime.cli.main import add_runtime_options
     add_runtime_options(s, ("onnxruntime", "tensorrt"))
     s.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     s.set_defaults(fn=cmd_bench)

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 
 def _need_onnx(command: str) -> None:
@@ -37,7 +37,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     _need_onnx("quantize")
-    from molmo_edge.calibration.weights import quantize_decoder_weights
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
 
     bits = {"int4": 4, "int8": 8}[a.weights]
     entry = quantize_decoder_weights(a.bundle, bits, a.block_size, accuracy_level=a.accuracy_level, check=not a.no_check)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import jetson_info
+from molmo_edge.runtime import machine
 
 
 @dataclass
@@ -69,14 +69,14 @@ def gather_facts() -> Facts:
         f.memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
-    info = jetson_info.read_info()
+    info = machine.read_info()
     f.l4t, f.jetpack, f.model, f.power_mode = info.l4t, info.jetpack, info.model, info.power_mode
     for name, dist in (("cuda-python", "cuda-python"), ("pycuda", "pycuda")):
         v = _version(dist)
         if v:
             f.cuda_bindings[name] = v
     try:
-        from .backends.trt import open_cuda
+        from molmo_edge.runtime.backends.trt import open_cuda
         cuda = open_cuda()
         f.gpu, f.compute_capability, f.gpu_memory_bytes = cuda.device()
         f.cuda_runtime = cuda.runtime_version()
@@ -98,14 +98,14 @@ def gather_facts() -> Facts:
 
 
 def _cuda_python_pin(jetpack: str | None) -> str:
-    line = jetson_info.jetpack_line(jetpack)
-    cuda = jetson_info.JETPACK_STACK.get(line or "", {}).get("cuda", "12.6")
+    line = machine.jetpack_line(jetpack)
+    cuda = machine.JETPACK_STACK.get(line or "", {}).get("cuda", "12.6")
     major = cuda.split(".")[0]
     return f"pip install 'cuda-python>={major},<{int(major) + 1}'"
 
 
 def _ort_index(jetpack: str | None) -> str:
-    line = jetson_info.jetpack_line(jetpack) or ""
+    line = machine.jetpack_line(jetpack) or ""
     if line.startswith("7"):
         return "pip install onnxruntime-gpu --extra-index-url https://pypi.jetson-ai-lab.io/jp7/cu130"
     return "pip install onnxruntime-gpu --extra-index-url https://pypi.jetson-ai-lab.io/jp6/cu126"
@@ -116,8 +116,8 @@ def diagnose_machine(f: Facts) -> list[Finding]:
     on_jetson = f.l4t is not None
     out.append(Finding("python", "ok", f"Python {f.python} on {f.machine} ({f.platform})"))
     if on_jetson:
-        line = jetson_info.jetpack_line(f.jetpack)
-        stack = jetson_info.JETPACK_STACK.get(line or "", {})
+        line = machine.jetpack_line(f.jetpack)
+        stack = machine.JETPACK_STACK.get(line or "", {})
         if not f.jetpack:
             out.append(Finding("jetpack", "warn", f"L4T {f.l4t} is not a JetPack release this tool knows",
                                "use JetPack 6.1/6.2 (Orin) or 7.0/7.1 (Thor)"))
@@ -147,7 +147,7 @@ def diagnose_machine(f: Facts) -> list[Finding]:
     if f.cuda_bindings:
         out.append(Finding("cuda-bindings", "ok", ", ".join(f"{k} {v}" for k, v in f.cuda_bindings.items())))
         cp = f.cuda_bindings.get("cuda-python")
-        want = jetson_info.JETPACK_STACK.get(jetson_info.jetpack_line(f.jetpack) or "", {}).get("cuda")
+        want = machine.JETPACK_STACK.get(machine.jetpack_line(f.jetpack) or "", {}).get("cuda")
         if cp and want and cp.split(".")[0] != want.split(".")[0]:
             out.append(Finding("cuda-bindings", "warn", f"cuda-python {cp} does not match JetPack's CUDA {want} driver",
                                _cuda_python_pin(f.jetpack)))
@@ -156,7 +156,7 @@ def diagnose_machine(f: Facts) -> list[Finding]:
                            "neither cuda-python nor pycuda is installed (the TensorRT backend needs one)",
                            _cuda_python_pin(f.jetpack)))
     if f.tensorrt:
-        expected = jetson_info.JETPACK_STACK.get(jetson_info.jetpack_line(f.jetpack) or "", {}).get("tensorrt")
+        expected = machine.JETPACK_STACK.get(machine.jetpack_line(f.jetpack) or "", {}).get("tensorrt")
         if expected and not f.tensorrt.startswith(expected.split(" ")[0]):
             out.append(Finding("tensorrt", "warn", f"TensorRT {f.tensorrt}, but JetPack {f.jetpack} ships {expected}",
                                "use JetPack's own TensorRT (python3-libnvinfer); PyPI wheels are SBSA builds, not for JetPack 6"))
@@ -184,8 +184,8 @@ def diagnose_machine(f: Facts) -> list[Finding]:
 
 
 def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
-    from .bundle import load_bundle
-    from .errors import MolmoEdgeError
+    from molmo_edge.runtime.bundle import load_bundle
+    from molmo_edge.runtime.errors import MolmoEdgeError
     out: list[Finding] = []
     try:
         bundle = load_bundle(folder)
@@ -194,12 +194,12 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
     cfg = bundle.config
     out.append(Finding("bundle", "ok", f"{folder}: {cfg.family}, graphs {', '.join(bundle.manifest['graphs'])}"))
     # TensorRT parser support for this machine's TensorRT, or the JetPack's, or both releases
-    from .trt_support import TRT_VERSIONS, check_bundle
+    from molmo_edge.runtime.tensorrt.check import TRT_VERSIONS, check_bundle
     versions: list[str] = []
     if f.tensorrt:
         versions = [".".join(f.tensorrt.split(".")[:2])]
     elif f.jetpack:
-        exp = jetson_info.JETPACK_STACK.get(jetson_info.jetpack_line(f.jetpack) or "", {}).get("tensorrt", "")
+        exp = machine.JETPACK_STACK.get(machine.jetpack_line(f.jetpack) or "", {}).get("tensorrt", "")
         versions = [exp] if exp in TRT_VERSIONS else []
     versions = [v for v in versions if v in TRT_VERSIONS] or list(TRT_VERSIONS)
     for v in versions:
@@ -218,7 +218,7 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
                 out.append(Finding(f"check-trt {v}", "ok", f"{key} parses on TensorRT {v}"))
     # engines
     if f.tensorrt and f.gpu:
-        from .engine_cache import EngineError, TrtEnv, find_engine, list_engines
+        from molmo_edge.runtime.tensorrt.engines import EngineError, TrtEnv, find_engine, list_engines
         env = TrtEnv(f.tensorrt, f.gpu, f.compute_capability or "?", f.l4t, f.jetpack, f.cuda_runtime)
         if not list_engines(folder):
             out.append(Finding("engines", "warn", "no TensorRT engines built yet", f"molmo-edge build {folder}"))
@@ -233,11 +233,11 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
     elif os.path.isdir(os.path.join(folder, "engines")):
         out.append(Finding("engines", "info", "engines exist but TensorRT or the GPU is missing here, so they cannot be checked"))
     # memory fit on a known Jetson module
-    from .devices import DEVICES, match_device
+    from molmo_edge.runtime.device.targets import DEVICES, match_device
     dev = match_device(f.model, f.memory_bytes)
     if dev:
-        from .engine_cache import default_workspace_mb
-        from .plan import PlanSettings, make_plan
+        from molmo_edge.runtime.tensorrt.engines import default_workspace_mb
+        from molmo_edge.runtime.device.plan import PlanSettings, make_plan
         p = make_plan(cfg, DEVICES[dev], PlanSettings(precision="fp16", max_crops=cfg.preprocess.max_crops,
                                                       max_seq=cfg.max_sequence_length,
                                                       workspace_mb=default_workspace_mb(f.memory_bytes)))

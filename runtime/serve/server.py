@@ -42,8 +42,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .errors import MolmoEdgeError
-from .openapi import openapi
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.serve.openapi import openapi
 
 __all__ = ["Limits", "App", "make_server", "run_server"]
 
@@ -291,7 +291,7 @@ class App:
     # --- images --------------------------------------------------------------------------------------
     def decode_image(self, data: bytes, what: str = "image") -> np.ndarray:
         from PIL import Image
-        from .preprocess import ImageError, load_image
+        from molmo_edge.runtime.preprocess import ImageError, load_image
         lim = self.limits
         if not data:
             raise HTTPError(400, f"{what} is empty; send the bytes of a PNG/JPEG/WebP image")
@@ -517,7 +517,7 @@ class App:
         if cached and cached[0] == key:
             return cached[1], frame
         if last:
-            from .overlay import draw_points
+            from molmo_edge.runtime.overlay import draw_points
             bgr = draw_points(frame.rgb, last[1])
         else:
             bgr = cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR)

@@ -1,7 +1,7 @@
 """`molmo-edge check-trt`: will TensorRT's ONNX parser take this bundle's graphs?
 
 Every node, value type and attribute of a graph is checked against the ONNX operator table of a
-TensorRT release (onnx-tensorrt docs/operators.md, kept as data in runtime/static/trt_ops_<ver>.json
+TensorRT release (onnx-tensorrt docs/operators.md, kept as data in runtime/tensorrt/ops/trt_ops_<ver>.json
 with its provenance), plus the opset, IR-version and external-data rules. Runs anywhere: the ONNX
 protobuf is read by the small reader below (no onnx, no TensorRT, no GPU needed), and external
 weights are never loaded, only their references checked.
@@ -18,10 +18,10 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 TRT_VERSIONS = ("10.3", "10.13")
-STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+OPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops")
 PROTOBUF_LIMIT = 2 ** 31 - 1  # a .onnx file (graph + inline tensors) must stay below 2 GiB
 
 
@@ -377,7 +377,7 @@ def normalize_trt_version(version: str) -> str:
 
 def load_table(version: str = "10.3") -> OpTable:
     v = normalize_trt_version(version)
-    path = os.path.join(STATIC, f"trt_ops_{v}.json")
+    path = os.path.join(OPS, f"trt_ops_{v}.json")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
@@ -742,7 +742,7 @@ def check_bundle(folder: str, trt: str = "10.3", graphs: Sequence[str] | None = 
     if os.path.isfile(folder) and folder.endswith(".onnx"):
         model = read_onnx(folder)
         return BundleReport(table.tensorrt, {os.path.basename(folder): check_graph(model, table)}, {}, table.source)
-    from .bundle import load_bundle
+    from molmo_edge.runtime.bundle import load_bundle
     bundle = load_bundle(folder)
     all_graphs = bundle.manifest["graphs"]
     if graphs:

@@ -8,18 +8,18 @@ embedding table is memory-mapped from the bundle and only its used rows become r
 listed but not counted.
 
 Latency floors are lower bounds: max(bytes moved / DRAM bandwidth, FLOPs / dense tensor throughput)
-per stage, with the device figures of runtime/devices.py. Real engines land above them.
+per stage, with the device figures of runtime/device/targets.py. Real engines land above them.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .config import MolmoConfig
-from .devices import DeviceSpec
-from .engine_cache import DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill
-from .errors import MolmoEdgeError
-from .weights import block_weight_shapes, llm_weight_shapes, vision_weight_shapes
+from molmo_edge.runtime.config import MolmoConfig
+from molmo_edge.runtime.device.targets import DeviceSpec
+from molmo_edge.runtime.tensorrt.engines import DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.hf_names import block_weight_shapes, llm_weight_shapes, vision_weight_shapes
 
 GiB = 2 ** 30
 PLAN_PRECISIONS = ("fp16", "int8", "int4")

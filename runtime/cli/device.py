@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from .errors import MolmoEdgeError
+from molmo_edge.runtime.errors import MolmoEdgeError
 
 
 def _progress(msg: str) -> None:
@@ -16,7 +16,7 @@ def _progress(msg: str) -> None:
 
 
 def cmd_check_trt(a: argparse.Namespace) -> int:
-    from .trt_support import TRT_VERSIONS, check_bundle
+    from molmo_edge.runtime.tensorrt.check import TRT_VERSIONS, check_bundle
     versions = [a.trt] if a.trt else list(TRT_VERSIONS)
     ok = True
     results = {}
@@ -57,7 +57,7 @@ def _dedupe(probs: list) -> list:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from .backends.trt import build_engines
+    from molmo_edge.runtime.backends.trt import build_engines
     out = build_engines(a.bundle, precision=a.precision, int8_mode=a.int8_mode, max_crops=a.max_crops, max_seq=a.max_seq,
                         workspace_mb=a.workspace, timing_cache=a.timing_cache, force=a.force, max_extend=a.max_extend,
                         max_logits=a.max_logits, progress=_progress)
@@ -66,7 +66,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
-    from .doctor import diagnose, exit_code, format_findings, gather_facts
+    from molmo_edge.runtime.device.doctor import diagnose, exit_code, format_findings, gather_facts
     facts = gather_facts()
     findings = diagnose(facts, a.bundle)
     if a.json:
@@ -77,9 +77,9 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from .devices import get_device
-    from .engine_cache import default_workspace_mb
-    from .plan import PlanSettings, format_plan, make_plan
+    from molmo_edge.runtime.device.targets import get_device
+    from molmo_edge.runtime.tensorrt.engines import default_workspace_mb
+    from molmo_edge.runtime.device.plan import PlanSettings, format_plan, make_plan
     cfg = _config_for(a.bundle)
     dev = get_device(a.device)
     s = PlanSettings(precision=a.precision, max_crops=a.max_crops or cfg.preprocess.max_crops,
@@ -91,10 +91,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def _config_for(path: str):
-    from .bundle import is_bundle, load_bundle
+    from molmo_edge.runtime.bundle import is_bundle, load_bundle
     if is_bundle(path):
         return load_bundle(path).config
-    from .config import load_config
+    from molmo_edge.runtime.config import load_config
     try:
         return load_config(path)
     except MolmoEdgeError:
@@ -145,7 +145,7 @@ def add_commands(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_doctor)
 
-    from .devices import DEVICES
+    from molmo_edge.runtime.device.targets import DEVICES
     s = sub.add_parser("plan", help="will a bundle fit a Jetson, and its latency floors",
                        description="Memory fit (weights per precision, KV cache at max sequence, activations at max crops, "
                                    "workspace, OS reserve) and bandwidth/compute latency floors for vision, prefill and "
