@@ -133,7 +133,7 @@ def bench_family(family: str, layers: int, workdir: str, runs: int, prompt_token
 
         def prefill():
             cache = be.new_cache(prompt_tokens + decode_tokens + 1)
-            be.decode(x, np.arange(prompt_tokens)[None], cache, np.array([prompt_tokens - 1]))
+            be.run_decoder(x, np.arange(prompt_tokens)[None], cache, np.array([prompt_tokens - 1]))
             return cache
 
         res["prefill_tokens_per_s"][label] = prompt_tokens / _median_time(prefill, runs)
@@ -142,7 +142,7 @@ def bench_family(family: str, layers: int, workdir: str, runs: int, prompt_token
             cache, tok = prefill(), 1
             t = time.perf_counter()
             for i in range(decode_tokens):
-                tok = int(be.decode(m.embed(np.array([tok])), np.array([[prompt_tokens + i]]), cache, np.zeros(1, np.int64))[0, -1].argmax())
+                tok = int(be.run_decoder(m.embed(np.array([tok])), np.array([[prompt_tokens + i]]), cache, np.zeros(1, np.int64))[0, -1].argmax())
             return decode_tokens / (time.perf_counter() - t)
 
         decode()

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,8 +49,8 @@ def _say(msg: str) -> None:
 
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
                   check: bool = True, force: bool = False, progress: Callable[[str], None] = _say,
-                  check_layers: int | None = None, fused: bool = True, trt_check: bool = True,
-                  weights: str | None = None, block_size: int = 32) -> dict:
+                  check_layers: int | None = None, fused: bool = True, trt_check: Callable[[str], dict] | None = None,
+                  weights: str | None = None, block_size: int = 32, quantizer: Callable[..., Any] | None = None) -> dict:
     """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest.
     fused: also write "decoder.fused" (onnxruntime contrib ops), which the onnxruntime backend prefers.
     weights: "int4" or "int8" adds the weight-only quantized decoder flavour (onnxruntime MatMulNBits)."""
@@ -82,17 +82,17 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, _decoders(fused))
         if check:
             manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
-        if trt_check:
-            from molmo_edge.runtime.tensorrt.check import check_for_export
-            manifest["tensorrt_check"] = check_for_export(tmp)
+        if trt_check:  # runtime.tensorrt.check.check_for_export, passed in by the CLI (export does not import tensorrt/)
+            manifest["tensorrt_check"] = trt_check(tmp)
             for v, r in manifest["tensorrt_check"].items():
                 if not r["ok"]:
                     progress(f"[export] TensorRT {v}: {r['problems'][0]} (`molmo-edge check-trt` lists all)")
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        if weights:
-            from molmo_edge.calibration.weight_quant import quantize_decoder_weights
-            quantize_decoder_weights(tmp, int(weights[3:]), block_size=block_size, progress=progress)
+        if weights:  # calibration.weight_quant.quantize_decoder_weights, passed in (export does not import calibration/)
+            if quantizer is None:
+                raise MolmoEdgeError("weights= needs quantizer=molmo_edge.calibration.weight_quant.quantize_decoder_weights")
+            quantizer(tmp, int(weights[3:]), block_size=block_size, progress=progress)
             with open(os.path.join(tmp, MANIFEST)) as f:
                 manifest = json.load(f)
         if os.path.exists(out):

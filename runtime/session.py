@@ -89,7 +89,7 @@ class Molmo:
     def _prefill(self, x: np.ndarray, logit_positions: np.ndarray) -> np.ndarray:
         start = self.cache.length
         pos = np.arange(start, start + x.shape[1], dtype=np.int64)[None]
-        return self.backend.decode(x, pos, self.cache, logit_positions)
+        return self.backend.run_decoder(x, pos, self.cache, logit_positions)
 
     def image_entry(self, image: Any, max_crops: int | None = None, bgr: bool = False) -> tuple[Any, _ImageEntry, float, float]:
         """(key, crops + features, preprocess ms, vision ms); vision runs once per distinct image."""
@@ -120,7 +120,7 @@ class Molmo:
             out["image_features"] = feats
         cache = self.backend.new_cache(len(ids))
         x = self.embed(ids, inputs.get("image_input_idx"), feats)
-        out["logits"] = self.backend.decode(x, np.arange(len(ids), dtype=np.int64)[None], cache,
+        out["logits"] = self.backend.run_decoder(x, np.arange(len(ids), dtype=np.int64)[None], cache,
                                             np.arange(len(ids), dtype=np.int64))[0]
         self._prefix = None
         return {k: out[k] for k in ("logits", "image_features") if k in out}

@@ -33,8 +33,10 @@ def export_tiny_bundles(tiny_checkpoints: dict, root, families=None, **options) 
     """family -> a fresh bundle exported (quietly) from the tiny checkpoint into `root`.
     Each caller gets its own folders: some tests add graphs or engines to theirs."""
     from molmo_edge.export.bundle import export_bundle
+    from molmo_edge.runtime.tensorrt.check import check_for_export
 
     out = {}
+    options.setdefault("trt_check", check_for_export)  # what `molmo-edge export` runs
     for fam in families or tiny_checkpoints:
         export_bundle(tiny_checkpoints[fam], str(root / fam), progress=lambda *_: None, **options)
         out[fam] = str(root / fam)

@@ -236,7 +236,9 @@ def test_bench_command_reports_every_stage(bundles):
 
 
 def test_export_with_int4_weights(tiny_checkpoints, tmp_path):
-    man = export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "q"), weights="int4", **QUIET)
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
+    man = export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "q"), weights="int4",
+                        quantizer=quantize_decoder_weights, **QUIET)
     assert "decoder.int4" in man["graphs"]
     m = Molmo.load(str(tmp_path / "q"), precision="int4")
     assert m.backend.graphs["decoder"] == "decoder.int4"

@@ -8,6 +8,7 @@ import pytest
 from conftest import export_tiny_bundles
 
 from molmo_edge.runtime import machine as ji
+from molmo_edge.runtime.tensorrt.check import check_bundle
 from molmo_edge.runtime.device.doctor import Facts, diagnose, diagnose_bundle, exit_code, format_findings, gather_facts
 
 JP62_RELEASE = ("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 "
@@ -128,12 +129,12 @@ def bundles(tiny_checkpoints, tmp_path_factory):
 
 def test_bundle_on_a_jetson(bundles, tmp_path):
     from molmo_edge.runtime.bundle import load_bundle
-    from molmo_edge.runtime.tensorrt.engines import (TrtEnv, build_plan, decoder_profiles, engine_key, vision_profiles,
-                                                 write_record)
+    from molmo_edge.runtime.backends.trt_engines import (TrtEnv, decoder_profiles, engine_key, vision_profiles, write_record)
+    from molmo_edge.runtime.tensorrt.build import build_plan
     folder = str(tmp_path / "b")
     shutil.copytree(bundles["molmo-7b-d"], folder)
     facts = nano_jp62()
-    fs = _by_area(diagnose_bundle(facts, folder))
+    fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
     assert fs["bundle"][0].status == "ok"
     assert [x.status for x in fs["check-trt 10.3"]] == ["ok", "ok"] and "check-trt 10.13" not in fs
     assert fs["engines"][0].status == "warn" and f"molmo-edge build {folder}" in fs["engines"][0].fix
@@ -154,11 +155,11 @@ def test_bundle_on_a_jetson(bundles, tmp_path):
         return path
 
     store(TrtEnv("10.13.3.9", "NVIDIA Thor", "11.0", "38.4.0", "7.1"))
-    fs = _by_area(diagnose_bundle(facts, folder))
+    fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
     fp16 = next(x for x in fs["engines"] if x.message.startswith("fp16"))
     assert fp16.status == "warn" and "built for TensorRT 10.13.3.9 on NVIDIA Thor" in fp16.message
     store(env)
-    fs = _by_area(diagnose_bundle(facts, folder))
+    fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
     assert next(x for x in fs["engines"] if x.message.startswith("fp16")).status == "ok"
 
 
@@ -171,12 +172,12 @@ def test_check_trt_failure_matters_only_where_tensorrt_runs(bundles, tmp_path):
     # pass the onnxruntime-only fused decoder off as the TensorRT one: check-trt must object
     man["graphs"]["decoder"] = {**man["graphs"]["decoder.fused"], "targets": ["onnxruntime", "tensorrt"]}
     json.dump(man, open(os.path.join(folder, "manifest.json"), "w"))
-    on_jetson = _by_area(diagnose_bundle(nano_jp62(), folder))["check-trt 10.3"]
+    on_jetson = _by_area(diagnose_bundle(nano_jp62(), folder, check_bundle))["check-trt 10.3"]
     assert [x.status for x in on_jetson] == ["ok", "fail"] and "GroupQueryAttention" in on_jetson[1].message
     assert "--backend onnxruntime" in on_jetson[1].fix
-    pc = _by_area(diagnose_bundle(Facts(), folder))
+    pc = _by_area(diagnose_bundle(Facts(), folder, check_bundle))
     assert {x.status for x in pc["check-trt 10.3"] + pc["check-trt 10.13"]} == {"ok", "warn"}
-    assert {x.status for x in _by_area(diagnose_bundle(nano_jp62(), bundles["molmoe-1b"]))["check-trt 10.3"]} == {"ok"}
+    assert {x.status for x in _by_area(diagnose_bundle(nano_jp62(), bundles["molmoe-1b"], check_bundle))["check-trt 10.3"]} == {"ok"}
 
 
 def test_missing_bundle_is_one_failure(tmp_path):

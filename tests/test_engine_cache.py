@@ -8,12 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from molmo_edge.runtime.tensorrt.engines import (BuildConfigError, EngineError, TrtEnv, build_plan, check_calibration_cache,
-                                             classify, decoder_buffers, decoder_call_shapes, decoder_profiles,
-                                             default_workspace_mb, engine_key, engine_precision, find_engine, graph_hash,
-                                             kv_addresses, kv_cache_bytes, max_image_tokens, mismatches, nbytes,
-                                             profile_max, read_cache_header, select_profile, typical_prefill,
-                                             vision_buffers, vision_profiles, write_record)
+from molmo_edge.runtime.backends.trt_engines import (BuildConfigError, EngineError, TrtEnv, classify, decoder_buffers, decoder_call_shapes, decoder_profiles, default_workspace_mb, engine_key, engine_precision, find_engine, graph_hash, kv_addresses, kv_cache_bytes, max_image_tokens, mismatches, nbytes, profile_max, select_profile, typical_prefill, vision_buffers, vision_profiles, write_record)
+
+from molmo_edge.runtime.tensorrt.build import build_plan, check_calibration_cache, read_cache_header
 
 ORIN = TrtEnv("10.3.0.30", "Orin", "8.7", "36.4.3", "6.2", "12.6")
 THOR = TrtEnv("10.13.3.9", "NVIDIA Thor", "11.0", "38.4.0", "7.1", "13.0")

@@ -9,7 +9,6 @@ Where the kernels run:
 """
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
 import sys

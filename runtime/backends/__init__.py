@@ -1,8 +1,8 @@
 """Backends run the bundle's two graphs and own the KV cache; everything above them is backend-blind.
 
 A backend has: `name`, `vision(images, image_masks) -> features [N, 144, d]`,
-`new_cache() -> KVCache`, and `decode(embeds [1, T, d], positions [1, T], cache, logit_positions [K])
--> logits [1, K, V]`, which appends the step's K/V to the cache in place.
+`new_cache() -> KVCache`, and `run_decoder(embeds [1, T, d], positions [1, T], cache, logit_positions [K])
+-> logits [1, K, V]` (a prefill of T tokens or one decode step), which appends the K/V to the cache in place.
 """
 from __future__ import annotations
 

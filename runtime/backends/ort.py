@@ -57,7 +57,7 @@ class OrtBackend:
         n = min(max_len or c.max_sequence_length, c.max_sequence_length)  # RoPE tables cover max_sequence_length
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
 
-    def decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray) -> np.ndarray:
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
         cache.reserve(t)
         sess = self.sessions["decoder"]

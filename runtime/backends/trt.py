@@ -1,9 +1,10 @@
-"""TensorRT backend and engine builder: the thin layer over the TensorRT 10.3/10.13 Python API.
+"""TensorRT backend: runs engines that `molmo-edge build` (runtime/tensorrt/build.py) made; the thin layer
+over the TensorRT 10.3/10.13 runtime API.
 
-Every decision (which graph, typing and flags, profiles, keys, which profile a call runs in, buffer
-sizes, KV addresses) is made by runtime/tensorrt/engines.py and tested there; this module only calls
-TensorRT and CUDA. `tensorrt` and the CUDA bindings are imported when a backend or a build is
-created, never at import time, and their absence is one clear error.
+Every decision (profiles, keys, which profile a call runs in, buffer sizes, KV addresses) is made in
+runtime/backends/trt_engines.py and tested there; this module only calls TensorRT and CUDA
+(runtime/backends/cuda.py). `tensorrt` and the CUDA bindings are imported when a backend is created,
+never at import time, and their absence is one clear error.
 
 Memory: one execution context per engine (the decoder switches between its prefill, extend and
 decode profiles), device buffers preallocated at the profile maxima, pinned host staging buffers,
@@ -13,32 +14,16 @@ go in and logits / image features come out.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import shutil
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from molmo_edge.runtime.bundle import Bundle, load_bundle
-from molmo_edge.runtime.tensorrt.engines import (ENGINES, BuildConfigError, EngineError, GraphBuild, Profile, ShapeRange, TrtEnv,
-                            build_plan, check_calibration_cache, decoder_buffers, decoder_call_shapes, decoder_profiles,
-                            default_workspace_mb, engine_key, engine_precision, find_engine, kv_addresses, nbytes,
-                            read_cache_header, read_record, select_profile, timing_cache_path, verify_files,
-                            vision_buffers, vision_profiles, write_record, mismatches, DEFAULT_MAX_EXTEND,
-                            DEFAULT_MAX_LOGITS)
-from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.bundle import Bundle
+from molmo_edge.runtime.backends.cuda import CudaError, TensorRTMissing, open_cuda  # noqa: F401 - re-exported
+from molmo_edge.runtime.backends.trt_engines import (EngineError, Profile, ShapeRange, TrtEnv, decoder_buffers,
+                                                     decoder_call_shapes, engine_precision, find_engine, kv_addresses,
+                                                     nbytes, select_profile, vision_buffers)
 from molmo_edge.runtime.kv_cache import KVCache
-
-
-class TensorRTMissing(MolmoEdgeError):
-    """TensorRT's Python bindings or the CUDA bindings are not installed."""
-
-
-class CudaError(MolmoEdgeError):
-    """A CUDA call failed."""
 
 
 def import_tensorrt():
@@ -49,135 +34,6 @@ def import_tensorrt():
                               "(python3-libnvinfer from JetPack); elsewhere `pip install tensorrt-cu12`; or use "
                               "--backend onnxruntime") from None
     return trt
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA: cuda-python (preferred, NVIDIA's own bindings) or pycuda
-# ---------------------------------------------------------------------------------------------
-class CudaPython:
-    name = "cuda-python"
-
-    def __init__(self):
-        try:
-            from cuda.bindings import runtime as rt  # cuda-python >= 12.6
-        except ImportError:
-            from cuda import cudart as rt  # older cuda-python
-        self.rt = rt
-
-    def _ok(self, res: Any, what: str) -> Any:
-        err = res[0] if isinstance(res, tuple) else res
-        if int(err) != 0:
-            name = getattr(err, "name", str(err))
-            raise CudaError(f"{what} failed with {name}: check the GPU with `molmo-edge doctor`")
-        return res[1] if isinstance(res, tuple) and len(res) == 2 else (res[1:] if isinstance(res, tuple) else None)
-
-    def malloc(self, n: int) -> int:
-        return int(self._ok(self.rt.cudaMalloc(max(int(n), 1)), f"cudaMalloc({n})"))
-
-    def free(self, ptr: int) -> None:
-        self._ok(self.rt.cudaFree(ptr), "cudaFree")
-
-    def host_empty(self, n: int) -> np.ndarray:
-        ptr = int(self._ok(self.rt.cudaMallocHost(max(int(n), 1)), f"cudaMallocHost({n})"))
-        arr = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(max(int(n), 1),))
-        self._pinned = getattr(self, "_pinned", {})
-        self._pinned[arr.ctypes.data] = ptr
-        return arr
-
-    def host_free(self, arr: np.ndarray) -> None:
-        ptr = getattr(self, "_pinned", {}).pop(arr.ctypes.data, None)
-        if ptr is not None:
-            self._ok(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
-
-    def stream(self) -> Any:
-        return self._ok(self.rt.cudaStreamCreate(), "cudaStreamCreate")
-
-    def handle(self, stream: Any) -> int:
-        return int(stream)
-
-    def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                         stream), "cudaMemcpyAsync H2D")
-
-    def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self._ok(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                                         stream), "cudaMemcpyAsync D2H")
-
-    def sync(self, stream: Any) -> None:
-        self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-    def device(self) -> tuple[str, str, int]:
-        props = self._ok(self.rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
-        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        return name.strip("\x00 "), f"{props.major}.{props.minor}", int(props.totalGlobalMem)
-
-    def runtime_version(self) -> str:
-        v = int(self._ok(self.rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
-        return f"{v // 1000}.{v % 1000 // 10}"
-
-
-class PyCuda:
-    name = "pycuda"
-
-    def __init__(self):
-        import pycuda.driver as cuda  # noqa: PLC0415
-        cuda.init()
-        self.cuda = cuda
-        self.ctx = cuda.Device(0).retain_primary_context()  # shared with TensorRT, no autoinit context
-        self.ctx.push()
-        self._allocs: dict[int, Any] = {}
-
-    def malloc(self, n: int) -> int:
-        a = self.cuda.mem_alloc(max(int(n), 1))
-        self._allocs[int(a)] = a
-        return int(a)
-
-    def free(self, ptr: int) -> None:
-        a = self._allocs.pop(ptr, None)
-        if a is not None:
-            a.free()
-
-    def host_empty(self, n: int) -> np.ndarray:
-        return self.cuda.pagelocked_empty(max(int(n), 1), np.uint8)
-
-    def host_free(self, arr: np.ndarray) -> None:
-        pass  # freed with the array
-
-    def stream(self) -> Any:
-        return self.cuda.Stream()
-
-    def handle(self, stream: Any) -> int:
-        return int(stream.handle)
-
-    def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self.cuda.memcpy_htod_async(dst, src, stream)
-
-    def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self.cuda.memcpy_dtoh_async(dst, src, stream)
-
-    def sync(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def device(self) -> tuple[str, str, int]:
-        d = self.cuda.Device(0)
-        major, minor = d.compute_capability()
-        return d.name(), f"{major}.{minor}", int(d.total_memory())
-
-    def runtime_version(self) -> str:
-        major, minor, _ = self.cuda.get_version()
-        return f"{major}.{minor}"
-
-
-def open_cuda():
-    """cuda-python when installed (the TensorRT samples' choice since 10.13), else pycuda."""
-    errors = []
-    for cls in (CudaPython, PyCuda):
-        try:
-            return cls()
-        except ImportError as e:
-            errors.append(f"{cls.name}: {e}")
-    raise TensorRTMissing("no CUDA Python bindings (" + "; ".join(errors) + "): `pip install 'cuda-python>=12,<13'` "
-                          "on JetPack 6 (CUDA 12.6), `'cuda-python>=13,<14'` on JetPack 7")
 
 
 def current_env(trt: Any, cuda: Any) -> TrtEnv:
@@ -389,7 +245,7 @@ class TrtBackend:
         c = self.cfg
         return DeviceKVCache(self.cuda, c.n_layers, c.n_kv_heads, c.head_dim, min(max_len or self.max_len, self.max_len))
 
-    def decode(self, embeds: np.ndarray, positions: np.ndarray, cache: DeviceKVCache, logit_positions: np.ndarray) -> np.ndarray:
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: DeviceKVCache, logit_positions: np.ndarray) -> np.ndarray:
         if not isinstance(cache, DeviceKVCache):
             raise EngineError("the TensorRT backend needs its own KV cache: use backend.new_cache()")
         t, k = int(embeds.shape[1]), int(len(logit_positions))
@@ -419,179 +275,3 @@ class TrtBackend:
                 setattr(self, buf, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Builder
-# ---------------------------------------------------------------------------------------------
-class _Clock:
-    def __init__(self, progress: Callable[[str], None]):
-        self.t0 = time.perf_counter()
-        self.progress = progress
-
-    def say(self, msg: str) -> None:
-        s = time.perf_counter() - self.t0
-        self.progress(f"[build {int(s // 60)}:{s % 60:04.1f}] {msg}")
-
-
-def _cache_calibrator(trt: Any, cache: bytes, algorithm: str) -> Any:
-    """An INT8 calibrator that never calibrates: TensorRT takes every scale from the cache."""
-    bases = {"EntropyCalibration2": "IInt8EntropyCalibrator2", "EntropyCalibration": "IInt8EntropyCalibrator",
-             "MinMaxCalibration": "IInt8MinMaxCalibrator"}
-    if algorithm not in bases:
-        raise BuildConfigError(f"calibration cache algorithm {algorithm} is not supported here; re-run `molmo-edge "
-                               "calibrate` with the entropy or minmax method")
-    base = getattr(trt, bases[algorithm])
-
-    class CacheOnly(base):  # type: ignore[misc, valid-type]
-        def __init__(self):
-            base.__init__(self)
-
-        def get_batch_size(self) -> int:
-            return 1
-
-        def get_batch(self, names: Any) -> None:
-            return None  # no data: the cache must cover every tensor
-
-        def read_calibration_cache(self) -> bytes:
-            return cache
-
-        def write_calibration_cache(self, data: Any) -> None:
-            return None
-
-    return CacheOnly()
-
-
-def _build_one(trt: Any, logger: Any, bundle: Bundle, job: GraphBuild, profiles: list[Profile], workspace_mb: int,
-               timing: bytes, clock: _Clock) -> tuple[bytes, bytes]:
-    """(serialized engine, updated timing cache) for one graph."""
-    path = bundle.graph_path(job.graph)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if job.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    clock.say(f"{job.role}: parsing {os.path.basename(path)} (+ external weights) ...")
-    if not parser.parse_from_file(path):
-        errs = []
-        for i in range(parser.num_errors):
-            e = parser.get_error(i)
-            node = e.node_name() if hasattr(e, "node_name") else e.node()
-            errs.append(f"node {node}: {e.desc()}")
-        raise BuildConfigError(f"TensorRT {trt.__version__} could not parse {os.path.basename(path)}: "
-                               f"{'; '.join(errs[:3]) or 'no details'}; run `molmo-edge check-trt {bundle.folder}`")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb * 2**20)
-    for f in job.flags:
-        config.set_flag(getattr(trt.BuilderFlag, f))
-    trt_profiles = []
-    for p in profiles:
-        tp = builder.create_optimization_profile()
-        for name, r in p.shapes.items():
-            tp.set_shape(name, r.min, r.opt, r.max)
-        config.add_optimization_profile(tp)
-        trt_profiles.append(tp)
-    if job.calibration_cache:
-        cache_path = bundle.path(job.calibration_cache)
-        _, algorithm, _ = read_cache_header(cache_path)
-        with open(cache_path, "rb") as f:
-            config.int8_calibrator = _cache_calibrator(trt, f.read(), algorithm)
-        config.set_calibration_profile(trt_profiles[0])
-    tc = config.create_timing_cache(timing)
-    if not config.set_timing_cache(tc, False):
-        clock.say("the timing cache is from another GPU or TensorRT version: starting a fresh one")
-        tc = config.create_timing_cache(b"")
-        config.set_timing_cache(tc, False)
-    what = "strongly typed" if job.strongly_typed else "+".join(job.flags)
-    clock.say(f"{job.role}: building the engine ({what}, {len(profiles)} profile(s), workspace {workspace_mb} MB) ...")
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineError(f"TensorRT could not build the {job.role} engine (see the TensorRT log above): try a larger "
-                          "--workspace, smaller --max-crops/--max-seq, or check `molmo-edge doctor`")
-    return bytes(memoryview(plan)), bytes(memoryview(config.get_timing_cache().serialize()))
-
-
-def build_engines(folder: str, precision: str = "fp16", int8_mode: str = "qdq", max_crops: int | None = None,
-                  max_seq: int | None = None, workspace_mb: int | None = None, timing_cache: str | None = None,
-                  force: bool = False, max_extend: int = DEFAULT_MAX_EXTEND, max_logits: int = DEFAULT_MAX_LOGITS,
-                  progress: Callable[[str], None] = print, _trt: Any = None, _cuda: Any = None) -> str:
-    """Build (or confirm) the engines of a bundle for this machine; returns the engine folder."""
-    from molmo_edge.runtime.tensorrt.check import TRT_VERSIONS, check_graph, load_table, normalize_trt_version, read_onnx
-    clock = _Clock(progress)
-    bundle = load_bundle(folder)
-    cfg = bundle.config
-    trt = _trt or import_tensorrt()
-    cuda = _cuda or open_cuda()
-    env = current_env(trt, cuda)
-    clock.say(f"{env.describe()}")
-    jobs = build_plan(bundle.manifest, precision, int8_mode, env.tensorrt)
-    crops = max_crops or cfg.preprocess.max_crops
-    seq = max_seq or cfg.max_sequence_length
-    profiles = {"vision": vision_profiles(cfg, crops), "decoder": decoder_profiles(cfg, seq, crops, max_extend, max_logits)}
-    key = engine_key(folder, bundle.manifest, jobs, profiles, env, precision, int8_mode)
-    out = os.path.join(folder, ENGINES, key.dirname())
-    if os.path.isdir(out) and not force:
-        try:
-            rec = read_record(out)
-            if not mismatches(rec.key, key.fields()) and not verify_files(rec):
-                clock.say(f"up to date: {out}")
-                return out
-        except EngineError:
-            pass
-        clock.say(f"{out} is incomplete or stale: rebuilding")
-    # check the graphs first: a parser failure deep in a 30-minute build is worse than a list of node names
-    short = ".".join(env.tensorrt.split(".")[:2])
-    if short in TRT_VERSIONS:
-        table = load_table(normalize_trt_version(short))
-        for job in jobs:
-            errs = [p for p in check_graph(read_onnx(bundle.graph_path(job.graph)), table, job.graph) if p.severity == "error"]
-            if errs:
-                raise BuildConfigError(f"{job.graph} will not build on TensorRT {short}: {errs[0].line()} (and "
-                                       f"{len(errs) - 1} more; see `molmo-edge check-trt {folder} --trt {short}`)")
-    else:
-        clock.say(f"no ONNX operator table for TensorRT {env.tensorrt}: skipping check-trt, the parser will tell")
-    for job in jobs:
-        if job.calibration_cache:
-            g = read_onnx(bundle.graph_path(job.graph)).graph
-            values = {v.name for v in g.inputs} | {o for n in g.nodes for o in n.outputs}
-            check_calibration_cache(bundle.path(job.calibration_cache), env.tensorrt, values)
-        if job.note:
-            clock.say(f"{job.role}: {job.note}")
-    tc_path = timing_cache or timing_cache_path(folder, env)
-    timing = b""
-    if os.path.isfile(tc_path):
-        with open(tc_path, "rb") as f:
-            timing = f.read()
-        clock.say(f"timing cache {tc_path} ({len(timing)} bytes)")
-    if workspace_mb is None:
-        workspace_mb = default_workspace_mb(cuda.device()[2])
-    tmp = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
-    files, seconds = {}, {}
-    try:
-        for job in jobs:
-            t0 = time.perf_counter()
-            plan, timing = _build_one(trt, logger, bundle, job, profiles[job.role], workspace_mb, timing, clock)
-            _write_atomic(tc_path, timing)   # keep the tuned tactics even if a later build fails
-            name = f"{job.role}.plan"
-            _write_atomic(os.path.join(tmp, name), plan)
-            files[job.role] = {"file": name, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(),
-                               "graph": job.graph}
-            seconds[job.role] = round(time.perf_counter() - t0, 1)
-            clock.say(f"{job.role}: {len(plan) / 2**20:.1f} MiB engine in {seconds[job.role]} s")
-        write_record(tmp, key, files, seconds)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    clock.say(f"done: {out}")
-    return out
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -57,7 +57,7 @@ def _dedupe(probs: list) -> list:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from molmo_edge.runtime.backends.trt import build_engines
+    from molmo_edge.runtime.tensorrt.build import build_engines
     out = build_engines(a.bundle, precision=a.precision, int8_mode=a.int8_mode, max_crops=a.max_crops, max_seq=a.max_seq,
                         workspace_mb=a.workspace, timing_cache=a.timing_cache, force=a.force, max_extend=a.max_extend,
                         max_logits=a.max_logits, progress=_progress)
@@ -67,8 +67,9 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 def cmd_doctor(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.device.doctor import diagnose, exit_code, format_findings, gather_facts
+    from molmo_edge.runtime.tensorrt.check import check_bundle
     facts = gather_facts()
-    findings = diagnose(facts, a.bundle)
+    findings = diagnose(facts, a.bundle, check_bundle)
     if a.json:
         print(json.dumps({"facts": facts.to_dict(), "findings": [f.__dict__ for f in findings]}, indent=2))
     else:
@@ -78,7 +79,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.device.targets import get_device
-    from molmo_edge.runtime.tensorrt.engines import default_workspace_mb
+    from molmo_edge.runtime.backends.trt_engines import default_workspace_mb
     from molmo_edge.runtime.device.plan import PlanSettings, format_plan, make_plan
     cfg = _config_for(a.bundle)
     dev = get_device(a.device)

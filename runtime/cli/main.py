@@ -200,13 +200,21 @@ def _ask_torch(a: argparse.Namespace, folder: str, prompts: list[str]) -> int:
     return 0
 
 
+def _quantizer():
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
+    return quantize_decoder_weights
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     try:
         from molmo_edge.export.bundle import export_bundle
     except ImportError as e:
         raise MolmoEdgeError(f"export needs the export extra ({e.name} is missing): pip install 'molmo-edge[export]'") from None
+    from molmo_edge.runtime.tensorrt.check import check_for_export
     export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force,
-                  check_layers=a.check_layers, fused=not a.no_fused, trt_check=not a.no_trt_check, weights=a.weights,
+                  check_layers=a.check_layers, fused=not a.no_fused,
+                  trt_check=None if a.no_trt_check else check_for_export, weights=a.weights,
+                  quantizer=_quantizer() if a.weights else None,
                   block_size=a.block_size)
     print(os.path.abspath(a.output))
     return 0

@@ -81,7 +81,7 @@ def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, r
 
     def prefill():
         cache = backend.new_cache(n_prompt + decode_tokens + 1)
-        backend.decode(x, np.arange(n_prompt)[None], cache, np.array([n_prompt - 1]))
+        backend.run_decoder(x, np.arange(n_prompt)[None], cache, np.array([n_prompt - 1]))
         return cache
 
     pre = _time(prefill, runs)
@@ -94,7 +94,7 @@ def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, r
         tok = 0
         t = time.perf_counter()
         for i in range(decode_tokens):
-            logits = backend.decode(molmo.embed(np.array([tok])), np.array([[n_prompt + i]]), cache, np.zeros(1, np.int64))
+            logits = backend.run_decoder(molmo.embed(np.array([tok])), np.array([[n_prompt + i]]), cache, np.zeros(1, np.int64))
             tok = int(logits[0, -1].argmax())
         return decode_tokens / (time.perf_counter() - t)
 

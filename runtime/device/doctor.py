@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from molmo_edge.runtime import machine
 
@@ -76,7 +76,7 @@ def gather_facts() -> Facts:
         if v:
             f.cuda_bindings[name] = v
     try:
-        from molmo_edge.runtime.backends.trt import open_cuda
+        from molmo_edge.runtime.backends.cuda import open_cuda
         cuda = open_cuda()
         f.gpu, f.compute_capability, f.gpu_memory_bytes = cuda.device()
         f.cuda_runtime = cuda.runtime_version()
@@ -183,7 +183,9 @@ def diagnose_machine(f: Facts) -> list[Finding]:
     return out
 
 
-def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
+def diagnose_bundle(f: Facts, folder: str, check_trt: Callable[[str, str], Any] | None = None) -> list[Finding]:
+    """Findings about a bundle on this machine. check_trt(folder, version) -> a check-trt report (the CLI passes
+    runtime.tensorrt.check.check_bundle; device/ does not import tensorrt/); None skips that part."""
     from molmo_edge.runtime.bundle import load_bundle
     from molmo_edge.runtime.errors import MolmoEdgeError
     out: list[Finding] = []
@@ -194,7 +196,7 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
     cfg = bundle.config
     out.append(Finding("bundle", "ok", f"{folder}: {cfg.family}, graphs {', '.join(bundle.manifest['graphs'])}"))
     # TensorRT parser support for this machine's TensorRT, or the JetPack's, or both releases
-    from molmo_edge.runtime.tensorrt.check import TRT_VERSIONS, check_bundle
+    from molmo_edge.runtime.backends.trt_engines import TRT_VERSIONS
     versions: list[str] = []
     if f.tensorrt:
         versions = [".".join(f.tensorrt.split(".")[:2])]
@@ -202,8 +204,8 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
         exp = machine.JETPACK_STACK.get(machine.jetpack_line(f.jetpack) or "", {}).get("tensorrt", "")
         versions = [exp] if exp in TRT_VERSIONS else []
     versions = [v for v in versions if v in TRT_VERSIONS] or list(TRT_VERSIONS)
-    for v in versions:
-        rep = check_bundle(folder, v)
+    for v in versions if check_trt else []:
+        rep = check_trt(folder, v)
         for key, probs in rep.graphs.items():
             errs = [p for p in probs if p.severity == "error"]
             if errs:
@@ -218,7 +220,7 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
                 out.append(Finding(f"check-trt {v}", "ok", f"{key} parses on TensorRT {v}"))
     # engines
     if f.tensorrt and f.gpu:
-        from molmo_edge.runtime.tensorrt.engines import EngineError, TrtEnv, find_engine, list_engines
+        from molmo_edge.runtime.backends.trt_engines import EngineError, TrtEnv, find_engine, list_engines
         env = TrtEnv(f.tensorrt, f.gpu, f.compute_capability or "?", f.l4t, f.jetpack, f.cuda_runtime)
         if not list_engines(folder):
             out.append(Finding("engines", "warn", "no TensorRT engines built yet", f"molmo-edge build {folder}"))
@@ -236,7 +238,7 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
     from molmo_edge.runtime.device.targets import DEVICES, match_device
     dev = match_device(f.model, f.memory_bytes)
     if dev:
-        from molmo_edge.runtime.tensorrt.engines import default_workspace_mb
+        from molmo_edge.runtime.backends.trt_engines import default_workspace_mb
         from molmo_edge.runtime.device.plan import PlanSettings, make_plan
         p = make_plan(cfg, DEVICES[dev], PlanSettings(precision="fp16", max_crops=cfg.preprocess.max_crops,
                                                       max_seq=cfg.max_sequence_length,
@@ -253,10 +255,10 @@ def diagnose_bundle(f: Facts, folder: str) -> list[Finding]:
     return out
 
 
-def diagnose(f: Facts, bundle: str | None = None) -> list[Finding]:
+def diagnose(f: Facts, bundle: str | None = None, check_trt: Callable[[str, str], Any] | None = None) -> list[Finding]:
     out = diagnose_machine(f)
     if bundle:
-        out += diagnose_bundle(f, bundle)
+        out += diagnose_bundle(f, bundle, check_trt)
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from molmo_edge.runtime.config import MolmoConfig
 from molmo_edge.runtime.device.targets import DeviceSpec
-from molmo_edge.runtime.tensorrt.engines import DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill
+from molmo_edge.runtime.backends.trt_engines import (DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill)
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.hf_names import block_weight_shapes, llm_weight_shapes, vision_weight_shapes
 

@@ -1,6 +1,6 @@
-"""Every decision of `molmo-edge build` and the TensorRT backend, as plain functions (no TensorRT here).
+"""The TensorRT engine format shared by `molmo-edge build` and the TensorRT backend, as plain functions
+(no TensorRT here); which graph is built how lives in runtime/tensorrt/build.py.
 
-- which bundle graph is built for which precision, strongly or weakly typed, with which flags;
 - the optimization profiles: one over crop counts for vision, prefill + decode for the decoder;
 - which profile a decode call runs in, and the device buffer sizes at the profile maxima;
 - the engine key: bundle hash, precision, profiles, TensorRT version, GPU name and compute
@@ -21,12 +21,11 @@ from typing import Any, Sequence
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 
+TRT_VERSIONS = ("10.3", "10.13")  # the releases JetPack 6 and 7 ship, which check-trt has tables for
 ENGINES = "engines"
 ENGINE_JSON = "engine.json"
 ENGINE_FORMAT = 1
 CALIBRATION_CACHE = os.path.join("calibration", "vision.cache")
-PRECISIONS = ("fp16", "int8")
-INT8_MODES = ("qdq", "cache")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 
 
@@ -251,19 +250,6 @@ def kv_addresses(base: int, row_bytes: int, length: int, new: int, capacity: int
     return base, base + length * row_bytes
 
 
-# ---------------------------------------------------------------------------------------------
-# What gets built
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class GraphBuild:
-    role: str                          # "vision" | "decoder"
-    graph: str                         # bundle graph key
-    strongly_typed: bool
-    flags: tuple[str, ...]             # BuilderFlag names
-    calibration_cache: str | None = None
-    note: str = ""
-
-
 def engine_precision(requested: str) -> str:
     """The runtime's --precision (bundle graph precisions fp32/int8/int4) -> the engine precision to load."""
     if requested in ("fp32", "fp16"):
@@ -274,88 +260,10 @@ def engine_precision(requested: str) -> str:
                       "use --precision fp32 (fp16 engines) or int8 with --backend tensorrt")
 
 
-def build_plan(manifest: dict[str, Any], precision: str, int8_mode: str = "qdq", trt_version: str = "10.3") -> list[GraphBuild]:
-    """Which graphs are built how. fp16: the portable graphs, weakly typed with the FP16 flag. int8/qdq:
-    the calibrated Q/DQ vision graph, strongly typed (precision from the graph); int8/cache: the fp32
-    vision graph with the calibration cache (implicit INT8, INT8+FP16 flags; TensorRT 10.x only). The
-    decoder stays FP16 under int8: it has no activation Q/DQ, and W8A8 gains little at one token."""
-    if precision not in PRECISIONS:
-        raise BuildConfigError(f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
-    if int8_mode not in INT8_MODES:
-        raise BuildConfigError(f"--int8-mode {int8_mode} is not one of {', '.join(INT8_MODES)}")
-    major, minor = trt_major_minor(trt_version)
-    if major != 10:
-        raise BuildConfigError(f"TensorRT {trt_version} is not supported: builds target TensorRT 10.x (JetPack 6: 10.3, "
-                               "JetPack 7: 10.13); TensorRT 11 removed the FP16/INT8 builder flags these builds use")
-    graphs = manifest["graphs"]
-    weak_note = "weak typing (FP16/INT8 flags) is deprecated since TensorRT 10.12 and still honoured" if minor >= 12 else ""
-    decoder = GraphBuild("decoder", "decoder", False, ("FP16",), note=weak_note)
-    if precision == "fp16":
-        return [GraphBuild("vision", "vision", False, ("FP16",), note=weak_note), decoder]
-    if int8_mode == "qdq":
-        if "vision.int8" not in graphs:
-            raise BuildConfigError("this bundle has no Q/DQ vision graph (vision.int8): run `molmo-edge calibrate BUNDLE "
-                                   "--source FRAMES` first, or use --int8-mode cache")
-        return [GraphBuild("vision", "vision.int8", True, (), note="strongly typed: layers outside Q/DQ run in the "
-                           "graph's own precision"), decoder]
-    return [GraphBuild("vision", "vision", False, ("INT8", "FP16"), calibration_cache_for(manifest, trt_version),
-                       note="implicit INT8 from the calibration cache (deprecated since TensorRT 10.1, removed in 11)"),
-            decoder]
-
-
-def calibration_cache_for(manifest: dict[str, Any], trt_version: str) -> str:
-    """The bundle's calibration cache made for this TensorRT (`molmo-edge calibrate --trt-version X.Y.Z` records
-    one per version in manifest["calibration"]["caches"]); calibration/vision.cache when none matches, whose
-    header check then says which version it was made for."""
-    want = ".".join((str(trt_version).split(".") + ["0", "0"])[:3])
-    for c in (manifest.get("calibration") or {}).get("caches", []):
-        if c.get("trt_version") == want and c.get("file"):
-            return c["file"]
-    return CALIBRATION_CACHE
-
-
-def read_cache_header(path: str) -> tuple[int, str, list[str]]:
-    """(TensorRT version int, algorithm, tensor names) of a TensorRT calibration cache."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        raise BuildConfigError(f"no calibration cache at {path}: run `molmo-edge calibrate BUNDLE --source FRAMES` first, "
-                               "or use --int8-mode qdq") from None
-    m = re.match(r"^TRT-(\d+)-([A-Za-z0-9]+)$", lines[0].strip()) if lines else None
-    if not m:
-        raise BuildConfigError(f"{path} does not start with a TRT-<version>-<algorithm> line: not a TensorRT calibration "
-                               "cache; re-run `molmo-edge calibrate`")
-    names = []
-    for no, line in enumerate(lines[1:], start=2):
-        lm = re.match(r"^(.+): [0-9a-fA-F]{8}$", line)
-        if not lm:
-            raise BuildConfigError(f"{path} line {no} is not `tensor: 8 hex digits`; the cache is damaged, re-run calibrate")
-        names.append(lm.group(1))
-    return int(m.group(1)), m.group(2), names
-
-
 def trt_version_int(version: str) -> int:
     parts = [int(p) for p in str(version).split(".")[:3]] + [0, 0, 0]
     major, minor, patch = parts[:3]
     return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
-
-
-def check_calibration_cache(path: str, trt_version: str, graph_values: set[str]) -> list[str]:
-    """Refuse a cache made for another TensorRT or for another graph; returns its tensor names."""
-    version, algo, names = read_cache_header(path)
-    want = trt_version_int(trt_version)
-    if version != want:
-        raise BuildConfigError(f"{path} was made for TensorRT {version} (header TRT-{version}-{algo}) but this is "
-                               f"TensorRT {trt_version} ({want}): TensorRT would ignore it; re-run `molmo-edge calibrate "
-                               f"BUNDLE --trt-version {'.'.join(str(trt_version).split('.')[:3])}`")
-    if not names:
-        raise BuildConfigError(f"{path} has no tensor scales; re-run `molmo-edge calibrate`")
-    unknown = [n for n in names if n not in graph_values]
-    if len(unknown) == len(names):
-        raise BuildConfigError(f"none of the {len(names)} tensors in {path} exists in the vision graph (e.g. "
-                               f"{unknown[0]!r}): the cache is from another export; re-run `molmo-edge calibrate`")
-    return names
 
 
 def default_workspace_mb(total_memory_bytes: int | None) -> int:
@@ -417,7 +325,7 @@ class EngineKey:
         return f"{env.tag()}-{self.precision}-{self.digest[:10]}"
 
 
-def engine_key(folder: str, manifest: dict[str, Any], plan: Sequence[GraphBuild], profiles: dict[str, list[Profile]],
+def engine_key(folder: str, manifest: dict[str, Any], plan: Sequence[Any], profiles: dict[str, list[Profile]],
                env: TrtEnv, precision: str, int8_mode: str | None) -> EngineKey:
     return EngineKey(bundle={b.role: graph_hash(folder, manifest, b.graph) for b in plan},
                      graphs={b.role: b.graph for b in plan}, precision=precision,
