@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -30,13 +29,10 @@ from molmo_edge.calibration.report import (DEFAULT_PROMPTS, LayerError, Prompt, 
 from molmo_edge.calibration.stats import METHODS, TensorStats, crop_batches, graph_info, run_tapped, scales_from, tapped_session
 from molmo_edge.calibration.staging import commit, staging
 from molmo_edge.calibration.trt_cache import METHOD_ALGORITHM, version_int, version_str, write_cache
+from molmo_edge.runtime.files import say
 
 DEFAULT_TRT_VERSIONS = ("10.3.0", "10.13.3")
 BATCH_BYTES = 1.5e9          # tapped outputs held at once during statistics
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _graph_entry(base: dict[str, Any], folder: str, file: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +67,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
                      quantize_attention: bool = False, min_cosine: float = 0.99, prompts: Sequence[Prompt] | None = None,
                      e2e_frames: int = 4, max_new_tokens: int = 24, trt_versions: Sequence[str] = DEFAULT_TRT_VERSIONS,
                      dedup: float = 3.0, threads: int | None = None, report_path: str | None = None,
-                     progress: Callable[[str], None] = _say, frames: FrameSet | None = None) -> dict[str, Any]:
+                     progress: Callable[[str], None] = say, frames: FrameSet | None = None) -> dict[str, Any]:
     """Calibrate the bundle's vision graph on frames from `source`; returns the report (see report.py).
 
     Raises CalibrationError, leaving the bundle untouched, on bad input or when the worst held-out

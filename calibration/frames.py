@@ -201,7 +201,8 @@ class _Reader:
 
     # --- camera ----------------------------------------------------------------------------------
     def _camera(self) -> Iterator[Frame]:
-        src = _Camera(self.source, self.camera_timeout)
+        from molmo_edge.runtime.cameras import SourceEnded, SourceError, open_source
+        src = open_source(self.source, retry_for=self.camera_timeout)
         t0 = time.monotonic()
         try:
             for i in range(self.camera_reads):
@@ -209,69 +210,17 @@ class _Reader:
                 if left <= 0:
                     self.warnings.append(f"stopped recording {self.source} after {self.camera_timeout:g} s ({i} frames read)")
                     break
-                rgb = src.read(left)
-                if rgb is None:
+                try:
+                    rgb = src.read(timeout=left).rgb
+                except (TimeoutError, SourceEnded):
                     break
+                except SourceError as e:
+                    raise CalibrationError(f"camera {self.source} failed: {str(e).splitlines()[0]}") from None
                 if i % 30 == 0:
                     self.progress(f"[calibrate] recording camera frame {i + 1} (up to {self.camera_reads})")
                 yield Frame(np.ascontiguousarray(rgb, dtype=np.uint8), f"camera:{self.source}#read={i}")
         finally:
             src.close()
-
-
-class _Camera:
-    """The runtime's camera sources (molmo_edge.runtime.cameras) when present, else OpenCV directly."""
-
-    def __init__(self, uri: str, timeout: float):
-        self.uri = uri
-        self.source: Any = None
-        self.cap: Any = None
-        try:
-            from molmo_edge.runtime.cameras import open_source
-        except ImportError:
-            open_source = None
-        if open_source is not None:
-            try:
-                self.source = open_source(uri, retry_for=timeout)
-            except TypeError:  # an older signature
-                self.source = open_source(uri)
-            return
-        import cv2
-        if uri.lower().startswith("csi://"):
-            raise CalibrationError(f"{uri}: CSI cameras need the runtime's camera sources (GStreamer); record a video "
-                                   "with the camera and pass the file as --source")
-        target: Any = int(uri) if uri.isdigit() else (int(uri[len("/dev/video"):]) if uri.startswith("/dev/video") else uri)
-        self.cap = cv2.VideoCapture(target)
-        if not self.cap.isOpened():
-            raise CalibrationError(f"cannot open camera {uri}; check that it is connected and not in use, "
-                                   "or record a video and pass the file as --source")
-
-    def read(self, timeout: float) -> np.ndarray | None:
-        """The next RGB frame, or None when the source ended or gave nothing within `timeout` s."""
-        if self.source is not None:
-            try:
-                frame = self.source.read(timeout=timeout)
-            except Exception as e:  # noqa: BLE001 - TimeoutError, SourceEnded, a lost camera
-                if isinstance(e, CalibrationError) or type(e).__name__ == "SourceError":
-                    raise CalibrationError(f"camera {self.uri} failed: {str(e).splitlines()[0]}") from None
-                return None
-            return getattr(frame, "rgb", frame)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            ok, bgr = self.cap.read()
-            if ok and bgr is not None:
-                return np.ascontiguousarray(bgr[:, :, ::-1])
-            time.sleep(0.05)
-        return None
-
-    def close(self) -> None:
-        try:
-            if self.source is not None:
-                self.source.close()
-            if self.cap is not None:
-                self.cap.release()
-        except Exception:  # noqa: BLE001 - closing a camera must not mask the real outcome
-            pass
 
 
 def _check_size(frames: list[Frame], warnings: list[str]) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from molmo_edge.calibration import CalibrationError
+from molmo_edge.runtime.files import write_json_atomic
 
 LAYER_ROWS = 256
 
@@ -205,7 +205,4 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)

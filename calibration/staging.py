@@ -18,6 +18,7 @@ import threading
 from typing import Any, Callable, Iterator, Mapping
 
 from molmo_edge.runtime.bundle import MANIFEST
+from molmo_edge.runtime.files import write_json_atomic
 
 STAGING_PREFIX = ".molmo-edge-staging-"
 
@@ -68,13 +69,7 @@ def read_manifest(bundle_dir: str) -> dict[str, Any]:
 
 
 def write_manifest(bundle_dir: str, manifest: Mapping[str, Any]) -> None:
-    path = os.path.join(bundle_dir, MANIFEST)
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(bundle_dir, MANIFEST), manifest)
 
 
 def referenced_files(manifest: Mapping[str, Any]) -> dict[str, list[str]]:

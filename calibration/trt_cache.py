@@ -17,7 +17,6 @@ infinite scales, names that are weights, empty names or names with line breaks.
 from __future__ import annotations
 
 import math
-import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from molmo_edge.calibration import CalibrationError
+from molmo_edge.runtime.backends.trt_engines import trt_version_int as version_int, trt_version_str as version_str  # noqa: F401
+from molmo_edge.runtime.files import write_text_atomic
 
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 # Which TensorRT calibrator consumes a cache made with each of our methods. TensorRT has no
@@ -34,28 +35,6 @@ ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", 
 METHOD_ALGORITHM = {"entropy": "EntropyCalibration2", "percentile": "EntropyCalibration2", "minmax": "MinMaxCalibration"}
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
 _LINE = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")
-
-
-def version_int(version: str | int) -> int:
-    """'10.3.0' -> 100300, '10.13.3' -> 101303, '8.6.1' -> 8601; an int is returned as is."""
-    if isinstance(version, int):
-        return version
-    parts = str(version).strip().split(".")
-    try:
-        nums = [int(p) for p in parts[:3]] + [0] * (3 - len(parts[:3]))
-    except ValueError:
-        raise CalibrationError(f"TensorRT version {version!r} is not like 10.3.0; pass --trt-version MAJOR.MINOR.PATCH") from None
-    major, minor, patch = nums
-    if not (5 <= major <= 99 and 0 <= minor <= 99 and 0 <= patch <= 99):
-        raise CalibrationError(f"TensorRT version {version!r} is out of range; pass --trt-version like 10.3.0")
-    return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
-
-
-def version_str(code: int) -> str:
-    """Inverse of version_int: 100300 -> '10.3.0', 8601 -> '8.6.1'."""
-    if code >= 100000:
-        return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
-    return f"{code // 1000}.{code // 100 % 10}.{code % 100}"
 
 
 def scale_to_hex(scale: float) -> str:
@@ -112,10 +91,7 @@ def write_cache(path: str, scales: Mapping[str, float], version: str | int = "10
                 algorithm: str = "EntropyCalibration2", weights: Iterable[str] = ()) -> str:
     """Write a cache file (atomically: a temp file renamed into place). Returns its header line."""
     text = format_cache(scales, version, algorithm, weights)
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return text.split("\n", 1)[0]
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.files import write_json_atomic
 
 TRT_VERSIONS = ("10.3", "10.13")  # the releases JetPack 6 and 7 ship, which check-trt has tables for
 ENGINES = "engines"
@@ -260,10 +261,27 @@ def engine_precision(requested: str) -> str:
                       "use --precision fp32 (fp16 engines) or int8 with --backend tensorrt")
 
 
-def trt_version_int(version: str) -> int:
-    parts = [int(p) for p in str(version).split(".")[:3]] + [0, 0, 0]
-    major, minor, patch = parts[:3]
+def trt_version_int(version: str | int) -> int:
+    """The integer TensorRT writes in calibration-cache headers (TRT-<int>-<algorithm>):
+    '10.3.0' -> 100300, '10.13.3' -> 101303, '8.6.1' -> 8601; an int is returned as is."""
+    if isinstance(version, int):
+        return version
+    parts = str(version).strip().split(".")
+    try:
+        nums = [int(p) for p in parts[:3]] + [0] * (3 - len(parts[:3]))
+    except ValueError:
+        raise MolmoEdgeError(f"TensorRT version {version!r} is not like 10.3.0; pass --trt-version MAJOR.MINOR.PATCH") from None
+    major, minor, patch = nums
+    if not (5 <= major <= 99 and 0 <= minor <= 99 and 0 <= patch <= 99):
+        raise MolmoEdgeError(f"TensorRT version {version!r} is out of range; pass --trt-version like 10.3.0")
     return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
+
+
+def trt_version_str(code: int) -> str:
+    """Inverse of trt_version_int: 100300 -> '10.3.0', 8601 -> '8.6.1'."""
+    if code >= 100000:
+        return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+    return f"{code // 1000}.{code // 100 % 10}.{code % 100}"
 
 
 def default_workspace_mb(total_memory_bytes: int | None) -> int:
@@ -358,9 +376,7 @@ def write_record(path: str, key: EngineKey, files: dict[str, dict[str, Any]], bu
     rec = {"format": ENGINE_FORMAT, "key": key.fields(), "digest": key.digest, "files": files,
            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "build_seconds": build_seconds}
     out = os.path.join(path, ENGINE_JSON)
-    with open(out + ".partial", "w") as f:
-        json.dump(rec, f, indent=2)
-    os.replace(out + ".partial", out)
+    write_json_atomic(out, rec)
     return out
 
 

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-
-
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from molmo_edge.runtime.files import say
 
 
 def cmd_check_trt(a: argparse.Namespace) -> int:
@@ -60,7 +56,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.tensorrt.build import build_engines
     out = build_engines(a.bundle, precision=a.precision, int8_mode=a.int8_mode, max_crops=a.max_crops, max_seq=a.max_seq,
                         workspace_mb=a.workspace, timing_cache=a.timing_cache, force=a.force, max_extend=a.max_extend,
-                        max_logits=a.max_logits, progress=_progress)
+                        max_logits=a.max_logits, progress=say)
     print(out)
     return 0
 

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.files import say
 
 EPILOG = """\
 examples:
@@ -26,10 +27,6 @@ MODEL is a Hugging Face checkpoint folder (config.json, tokenizer.json, weights)
 (downloaded only when online; offline, download it elsewhere and pass the folder), or a bundle
 folder made by `molmo-edge export` (runs on onnxruntime, no torch needed).
 """
-
-
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _model_folder(model: str) -> str:
@@ -75,9 +72,9 @@ def _backend_for(folder: str, backend: str | None) -> str:
 def _runtime(folder: str, backend: str, precision: str = "fp32"):
     from molmo_edge.runtime.session import Molmo
     t0 = time.perf_counter()
-    _progress(f"loading bundle {folder} ({backend}, {precision}) ...")
+    say(f"loading bundle {folder} ({backend}, {precision}) ...")
     m = Molmo.load(folder, backend, precision=precision)
-    _progress(f"loaded in {time.perf_counter() - t0:.1f} s")
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
     return m
 
 
@@ -88,9 +85,9 @@ def _torch_model(folder: str):
         raise MolmoEdgeError(f"the torch backend needs the export extra ({e.name} is missing): "
                              "pip install 'molmo-edge[export]'") from None
     t0 = time.perf_counter()
-    _progress(f"loading {folder} (torch reference, float32) ...")
+    say(f"loading {folder} (torch reference, float32) ...")
     model, cfg, _ = load_reference_model(folder)
-    _progress(f"loaded in {time.perf_counter() - t0:.1f} s")
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
     return model, cfg
 
 
@@ -99,17 +96,17 @@ def cmd_preprocess(a: argparse.Namespace) -> int:
     out = proc.process(a.prompt, a.image, max_crops=a.max_crops)
     _save_npz(a.output, out)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items())
-    _progress(f"wrote {a.output}: {shapes}")
+    say(f"wrote {a.output}: {shapes}")
     return 0
 
 
 def _save_npz(path: str, arrays: dict[str, Any]) -> None:
     """Write atomically: a crash never leaves a half-written file under the final name."""
     import numpy as np
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+
+    from molmo_edge.runtime.files import atomic_path
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def cmd_forward(a: argparse.Namespace) -> int:
@@ -119,7 +116,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
     if _backend_for(folder, a.backend) != "torch":
         res = _runtime(folder, a.backend or "onnxruntime", a.precision).forward(data)
         _save_npz(a.output, res)
-        _progress(f"wrote {a.output}: logits {list(res['logits'].shape)}")
+        say(f"wrote {a.output}: logits {list(res['logits'].shape)}")
         return 0
     import torch
     model, _ = _torch_model(folder)
@@ -132,7 +129,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
     if out.image_features is not None:
         res["image_features"] = out.image_features[0].float().numpy()
     _save_npz(a.output, res)
-    _progress(f"wrote {a.output}: logits {list(res['logits'].shape)}")
+    say(f"wrote {a.output}: logits {list(res['logits'].shape)}")
     return 0
 
 
@@ -169,7 +166,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
             raise MolmoEdgeError("--overlay needs --image: there is nothing to draw on")
         from molmo_edge.runtime.overlay import save_overlay
         save_overlay(a.overlay, rgb, last.points, last.text)
-        _progress(f"wrote {a.overlay} ({len(last.points)} points)")
+        say(f"wrote {a.overlay} ({len(last.points)} points)")
     return 0
 
 

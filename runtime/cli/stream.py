@@ -10,12 +10,9 @@ import sys
 from typing import Any
 
 from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.files import say
 
 SOURCES = "0, /dev/video0, csi://0, rtsp://..., http(s)://.../video.mjpg, clip.mp4, a folder or \"*.jpg\" glob, gst:PIPELINE"
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _quiet_opencv() -> None:
@@ -43,7 +40,7 @@ def cmd_watch(a: argparse.Namespace) -> int:
             raise MolmoEdgeError("--show needs a display and OpenCV with GUI support (pip install opencv-python, "
                                  "not -headless); or write the video with --overlay out.mp4") from None
     # the source first: a missing camera should not wait for a big model to load
-    source = open_source(a.source, loop=a.loop, retry_for=a.give_up_after, on_status=lambda m: _say(f"source: {m}"))
+    source = open_source(a.source, loop=a.loop, retry_for=a.give_up_after, on_status=lambda m: say(f"source: {m}"))
     try:
         return _watch(a, source)
     finally:
@@ -61,7 +58,7 @@ def _watch(a: argparse.Namespace, source: Any) -> int:
         out.flush()
     overlay = OverlayVideo(a.overlay, fps=min(30.0, 1.0 / a.every) if a.every else 10.0) if a.overlay else None
 
-    _say(f"watching {source.name} ({len(a.prompts)} prompt(s)); Ctrl-C stops")
+    say(f"watching {source.name} ({len(a.prompts)} prompt(s)); Ctrl-C stops")
     try:
         with sigterm_as_interrupt():  # systemd's stop is SIGTERM: the same clean summary as Ctrl-C
             summary = watch(model, source, a.prompts, every=a.every, on_change=a.on_change,
@@ -70,9 +67,9 @@ def _watch(a: argparse.Namespace, source: Any) -> int:
     finally:
         if a.jsonl:
             out.close()
-    _say("summary: " + json.dumps(summary.to_dict()))
+    say("summary: " + json.dumps(summary.to_dict()))
     if overlay is not None and overlay.frames:
-        _say(f"wrote {a.overlay} ({overlay.frames} frames)")
+        say(f"wrote {a.overlay} ({overlay.frames} frames)")
     if summary.error:
         raise MolmoEdgeError(summary.error)
     return 0
@@ -113,7 +110,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise MolmoEdgeError(f"{flag} must be more than 0 (got {value:g})")
     api_key = a.api_key or os.environ.get("MOLMO_EDGE_API_KEY") or None
     if not _is_loopback(a.host) and not api_key:
-        _say(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model and camera")
+        say(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model and camera")
     limits = Limits(max_body_bytes=int(a.max_body_mb * (1 << 20)), max_image_pixels=int(a.max_image_mp * 1e6),
                     max_prompt_chars=a.max_prompt_chars, max_new_tokens=a.max_new_tokens,
                     default_new_tokens=min(a.default_new_tokens, a.max_new_tokens), queue_size=a.queue_size,
@@ -121,7 +118,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     source = None
     if a.source:  # before the model: a missing camera fails at once
         from molmo_edge.runtime.cameras import open_source
-        source = open_source(a.source, loop=True, on_status=lambda m: _say(f"source: {m}"))
+        source = open_source(a.source, loop=True, on_status=lambda m: say(f"source: {m}"))
     try:
         model = _load(a)
     except BaseException:
@@ -129,8 +126,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             source.close()
         raise
     app = App(model, source, api_key=api_key, limits=limits, access_log=a.access_log)
-    run_server(app, a.host, a.port, on_ready=lambda url: _say(f"serving on {url}  (kiosk: {url}/  API: {url}/openapi.json)"))
-    _say("stopped")
+    run_server(app, a.host, a.port, on_ready=lambda url: say(f"serving on {url}  (kiosk: {url}/  API: {url}/openapi.json)"))
+    say("stopped")
     return 0
 
 
