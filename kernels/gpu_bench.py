@@ -1,7 +1,7 @@
 """Micro-benchmark of the molmo-edge kernels against torch's scaled_dot_product_attention (flash
 backend) at Molmo's shapes, plus a correctness check of every timed configuration. Writes one
 JSON. Used by gpu_check.sh; needs a CUDA GPU and torch (tensors, events, CUDA graphs), and one
-of cuda-python / CuPy / PyCUDA / nvcc to launch the kernels.
+of cuda-python or nvcc (the C library) to launch the kernels.
 
 Timing: each call is captured N times in a CUDA graph and the graph replayed (median of several
 replays), so host launch overhead does not pollute kernel times of a few microseconds. Our
@@ -22,7 +22,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 # Nominal DRAM bandwidth (GB/s) by device name, for the decode target; the measured copy
 # bandwidth is reported next to it.
@@ -32,16 +31,17 @@ NOMINAL_BW = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 
 
 
 def _kernels(torch: Any) -> tuple[Any, str]:
+    from molmo_edge.kernels import build as KB
     from molmo_edge.kernels import launch as L
     errors = []
-    for make in (lambda: L.CudaPythonLauncher(torch.cuda.current_device()), L.CuPyLauncher, L.PyCudaLauncher):
+    for make in (lambda: L.CudaPythonLauncher(torch.cuda.current_device()),):
         try:
             launcher = make()
             return L.DirectKernels(launcher), launcher.name
         except Exception as e:  # noqa: BLE001 - try the next launcher
             errors.append(f"{type(e).__name__}: {e}")
     try:
-        lib = L.CLibrary(L.build_library((torch.cuda.get_device_capability()[0] * 10
+        lib = L.CLibrary(KB.build_library((torch.cuda.get_device_capability()[0] * 10
                                           + torch.cuda.get_device_capability()[1],)))
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         return L.CLibKernels(lib, None, sms), "c-library"  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine (CUDA GPU, Python with torch, nvcc; CuPy and/or
-# cuda-python used when present; nothing is downloaded). Runs the kernel tests (GPU ones included)
+# One prepared command for a GPU machine (CUDA GPU, Python with torch, nvcc; cuda-python used
+# when present, else only the nvcc-built C library runs; nothing is downloaded). Runs the kernel tests (GPU ones included)
 # and the micro-benchmarks against torch SDPA (flash backend), and writes one JSON:
 # $OUT/gpu_check.json when OUT is set, else ./gpu_check.json. Finishes well under 5 minutes.
 #   bash kernels/gpu_check.sh            (from the repository root or anywhere)
@@ -13,14 +13,14 @@ trap 'rm -rf "$WORK"' EXIT
 export MOLMO_EDGE_KERNEL_CACHE="${MOLMO_EDGE_KERNEL_CACHE:-$WORK/kernel-cache}"
 
 # molmo_edge importable without installing the package: a shim folder of symlinks
-if ! "$PY" -c "import molmo_edge.kernels.launch" >/dev/null 2>&1; then
+if ! "$PY" -c "import molmo_edge.kernels.build" >/dev/null 2>&1; then
   mkdir -p "$WORK/shim/molmo_edge"
   for d in runtime export calibration kernels; do ln -s "$REPO/$d" "$WORK/shim/molmo_edge/$d"; done
   export PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" - <<'PYEOF' || { echo "gpu_check: molmo_edge.kernels is not importable" >&2; exit 2; }
-import molmo_edge.kernels.launch as L
-print("kernels from", L.KERNEL_DIR, "| nvcc:", L.nvcc_path(), "| nvrtc:", L.nvrtc_available())
+import molmo_edge.kernels.build as KB
+print("kernels from", KB.KERNEL_DIR, "| nvcc:", KB.nvcc_path(), "| nvrtc:", KB.nvrtc_available())
 PYEOF
 
 cd "$REPO"

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,13 +37,17 @@ def numel(shape: Sequence[int]) -> int:
     return int(math.prod(int(d) for d in shape))
 
 
-def _partial(path: str) -> str:
-    return f"{path}.partial-{os.getpid()}"
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
+def _partial(path: str, suffix: str = "") -> str:
+    """A fresh partial name beside `path` (unique per call: concurrent writers of the same file never share one)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.partial-", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = os.fspath(path)
     tmp = _partial(path)
     try:
         with open(tmp, "wb") as f:
@@ -55,7 +60,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
@@ -64,13 +69,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a partial path to write (by any library: np.savez, onnx.save...); renamed into place on success,
-    removed on failure. The partial name keeps the final suffix so tools that look at it behave."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    base, ext = os.path.splitext(path)
-    tmp = f"{base}.partial-{os.getpid()}{ext}"
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a partial path to write (by any library or tool: np.savez, a compiler's -o...); renamed into place
+    on success, removed on failure. The partial name keeps the final suffix so tools that look at it behave."""
+    path = os.fspath(path)
+    tmp = _partial(path, os.path.splitext(path)[1])
     try:
         yield tmp
         os.replace(tmp, path)

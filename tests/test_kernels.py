@@ -4,7 +4,7 @@ reference model, kernels against references.
 Where the kernels run:
   * everywhere a host C++ compiler exists: the unchanged kernel source on the CPU SIMT emulator
     (simt_emulator.cuh), through both the Python launch path and the C entry points;
-  * on a GPU: through every available launcher (cuda-python, PyCUDA, CuPy) and the nvcc-built C
+  * on a GPU: through the cuda-python launcher and the nvcc-built C
     library, over a grid including the real Molmo shapes.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from molmo_edge.kernels import build as KB
 from molmo_edge.kernels import launch as L
 from molmo_edge.kernels import reference as ref
 
@@ -53,19 +54,19 @@ def test_import_does_not_load_torch_or_cuda_bindings():
 # ---------------------------------------------------------------------------------------------
 
 def _compiler_or_skip() -> str:
-    if L.nvcc_path():
+    if KB.nvcc_path():
         return "nvcc"
-    if L.nvrtc_available():
+    if KB.nvrtc_available():
         return "nvrtc"
     pytest.skip("neither nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin) nor NVRTC through cuda-python "
                 "(pip install cuda-python nvidia-cuda-nvrtc) is available")
 
 
-def _check_cubin(res: L.CompileResult, arch: int) -> None:
-    syms = L.cubin_symbols(res.cubin)
+def _check_cubin(res: KB.CompileResult, arch: int) -> None:
+    syms = KB.cubin_symbols(res.cubin)
     missing = [k for k in L.KERNEL_NAMES if k not in syms]
     assert not missing, f"sm_{arch}: kernels missing from the cubin: {missing}"
-    usage = L.ptxas_usage(res.log)
+    usage = KB.ptxas_usage(res.log)
     for k in L.KERNEL_NAMES:
         assert k in usage and "registers" in usage[k], f"sm_{arch}: no ptxas report for {k}:\n{res.log}"
         # a spill in these loops would cost far more than the targets allow
@@ -73,42 +74,42 @@ def _check_cubin(res: L.CompileResult, arch: int) -> None:
         assert usage[k]["registers"] <= 255
 
 
-@pytest.mark.parametrize("arch", L.TARGET_ARCHS)
+@pytest.mark.parametrize("arch", KB.TARGET_ARCHS)
 def test_kernels_compile(arch):
     compiler = _compiler_or_skip()
-    if compiler == "nvrtc" and arch not in L.nvrtc_supported_archs():
-        pytest.fail(f"NVRTC {L.nvrtc_version()} cannot target sm_{arch} (supported: {L.nvrtc_supported_archs()}); "
+    if compiler == "nvrtc" and arch not in KB.nvrtc_supported_archs():
+        pytest.fail(f"NVRTC {KB.nvrtc_version()} cannot target sm_{arch} (supported: {KB.nvrtc_supported_archs()}); "
                     "sm_110 needs CUDA 13 (pip install 'nvidia-cuda-nvrtc>=13')")
-    _check_cubin(L.compile_cubin(arch, compiler), arch)
+    _check_cubin(KB.compile_cubin(arch, compiler), arch)
 
 
-@pytest.mark.parametrize("arch", L.TARGET_ARCHS)
+@pytest.mark.parametrize("arch", KB.TARGET_ARCHS)
 def test_kernels_compile_with_nvrtc_too(arch):
     """The runtime path on a device without nvcc: NVRTC through cuda-python."""
-    if not L.nvrtc_available():
+    if not KB.nvrtc_available():
         pytest.skip("cuda-python / NVRTC not installed (pip install cuda-python nvidia-cuda-nvrtc)")
-    if L.nvcc_path() is None:
+    if KB.nvcc_path() is None:
         pytest.skip("already covered by test_kernels_compile (NVRTC is the compiler there)")
-    if arch not in L.nvrtc_supported_archs():
-        pytest.fail(f"this NVRTC cannot target sm_{arch}: {L.nvrtc_supported_archs()}")
-    _check_cubin(L.compile_cubin(arch, "nvrtc"), arch)
+    if arch not in KB.nvrtc_supported_archs():
+        pytest.fail(f"this NVRTC cannot target sm_{arch}: {KB.nvrtc_supported_archs()}")
+    _check_cubin(KB.compile_cubin(arch, "nvrtc"), arch)
 
 
 def test_compiled_cubin_is_cached_on_disk(tmp_path, monkeypatch):
     compiler = _compiler_or_skip()
     monkeypatch.setenv("MOLMO_EDGE_KERNEL_CACHE", str(tmp_path))
-    first = L.compile_cubin(87, compiler)
-    assert first.path.parent == tmp_path and first.path.exists() and L.source_hash() in first.path.name
-    again = L.compile_cubin(87, compiler)
+    first = KB.compile_cubin(87, compiler)
+    assert first.path.parent == tmp_path and first.path.exists() and KB.source_hash() in first.path.name
+    again = KB.compile_cubin(87, compiler)
     assert again.cubin == first.cubin and again.path == first.path
 
 
 def test_c_library_builds():
     """Host entry points + device code linked into the C library (device code for every target is
     covered by test_kernels_compile; one arch keeps this fast)."""
-    if not L.nvcc_path():
+    if not KB.nvcc_path():
         pytest.skip("the C library (host entry points of molmo_kernels.h) is built with nvcc, not on PATH")
-    lib = L.CLibrary(L.build_library((87,)))
+    lib = L.CLibrary(KB.build_library((87,)))
     for name in L._C_API:
         assert hasattr(lib.lib, name)
     assert not lib.emulated
@@ -117,7 +118,7 @@ def test_c_library_builds():
 def test_header_is_plain_c():
     """molmo_kernels.h must compile as C (TensorRT plugins and other C callers include it)."""
     cc = shutil.which("gcc") or shutil.which("cc")
-    nvcc = L.nvcc_path()
+    nvcc = KB.nvcc_path()
     if not cc or not nvcc:
         pytest.skip("needs a C compiler and the CUDA include directory (nvcc's toolkit)")
     import os
@@ -127,7 +128,7 @@ def test_header_is_plain_c():
     if not incs:
         pytest.skip("cuda_runtime.h not found next to nvcc, in $CUDA_HOME or /usr/local/cuda")
     inc = str(incs[0])
-    r = subprocess.run([cc, "-std=c99", "-fsyntax-only", "-I", inc, "-x", "c", str(L.KERNEL_DIR / "molmo_kernels.h")],
+    r = subprocess.run([cc, "-std=c99", "-fsyntax-only", "-I", inc, "-x", "c", str(KB.KERNEL_DIR / "molmo_kernels.h")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -371,8 +372,8 @@ def run_battery(kern, big: bool) -> None:
 @pytest.fixture(scope="module")
 def emulator_lib():
     try:
-        return L.CLibrary(L.build_library(emulate=True))
-    except L.BackendUnavailable as e:
+        return L.CLibrary(KB.build_library(emulate=True))
+    except KB.BackendUnavailable as e:
         pytest.skip(str(e))
 
 
@@ -444,7 +445,7 @@ def test_emulator_catches_wrong_fragment_layouts(emulator_lib):
 
 def _gpu_count() -> int:
     try:
-        drv, _ = L._bindings()
+        drv, _ = KB._bindings()
         if int(drv.cuInit(0)[0]) == 0:
             return int(drv.cuDeviceGetCount()[1])
     except Exception:
@@ -470,17 +471,13 @@ def _gpu_kernels(kind: str):
     try:
         if kind == "cuda-python":
             return L.DirectKernels(L.CudaPythonLauncher())
-        if kind == "pycuda":
-            return L.DirectKernels(L.PyCudaLauncher())
-        if kind == "cupy":
-            return L.DirectKernels(L.CuPyLauncher())
         launcher = L.default_launcher()  # its memory API serves the C library's device pointers
-        return L.CLibKernels(L.CLibrary(L.build_library((launcher.arch,))), launcher.memory, launcher.num_sms)
-    except L.BackendUnavailable as e:
+        return L.CLibKernels(L.CLibrary(KB.build_library((launcher.arch,))), launcher.memory, launcher.num_sms)
+    except KB.BackendUnavailable as e:
         pytest.skip(f"{kind}: {e}")
 
 
-@pytest.mark.parametrize("kind", ["cuda-python", "pycuda", "cupy", "c-library"])
+@pytest.mark.parametrize("kind", ["cuda-python", "c-library"])
 def test_kernels_on_gpu(kind):
     kern = _gpu_kernels(kind)
     try:
