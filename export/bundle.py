@@ -188,7 +188,7 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
         "kv_cache": {"layout": ["batch", "seq", "kv_heads", "head_dim"], "n_layers": cfg.n_layers,
                      "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "max_seq": cfg.max_sequence_length},
         "moe": ({"experts": cfg.moe_num_experts, "top_k": cfg.moe_top_k,
-                 "expressed_as": "per-expert NonZero/GatherND/ScatterND(add) branches: only routed tokens' rows are computed"}
+                 "expressed_as": "per-expert NonZero/Gather branches with a one-hot MatMul add-back: only routed tokens' rows are computed"}
                 if cfg.is_moe else None),
         "graphs": graphs,
         "tools": package_versions(),

@@ -29,7 +29,6 @@ class GraphBuilder:
         self._offset = 0
         self._n = 0
         self._consts: dict[tuple, str] = {}
-        self.weight_bytes = 0
 
     def _fresh(self, hint: str) -> str:
         self._n += 1
@@ -73,7 +72,6 @@ class GraphBuilder:
             arr = arr.T
         stored = arr.astype(self.weight_dtype)
         self.inits.append(self._tensor(name, stored))
-        self.weight_bytes += stored.nbytes
         if self.weight_dtype == np.float32:
             return name
         return self.op("Cast", [name], to=TensorProto.FLOAT, name_hint=name + "_f32")
