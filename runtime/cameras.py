@@ -24,6 +24,7 @@ unless `realtime=True`.
 """
 from __future__ import annotations
 
+import collections
 import glob
 import logging
 import os
@@ -36,7 +37,7 @@ import numpy as np
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 
-__all__ = ["Frame", "Source", "SourceError", "SourceEnded", "open_source", "IMAGE_EXTENSIONS"]
+__all__ = ["Frame", "Source", "SourceError", "SourceEnded", "open_source", "clip_arrays", "IMAGE_EXTENSIONS"]
 
 log = logging.getLogger("molmo_edge.sources")
 
@@ -57,6 +58,15 @@ class Frame(NamedTuple):
     id: int               # 0, 1, 2, ... in capture order (continues across reconnects)
     rgb: np.ndarray       # HxWx3 uint8 RGB, contiguous
     timestamp: float      # time.time() when it was captured
+
+
+def clip_arrays(frames: list[Frame]) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 [T, H, W, 3], seconds since the first frame [T] float64): a clip as a video model takes it,
+    with the capture times as its timestamps (a camera's real rate, not a nominal fps)."""
+    if not frames:
+        raise SourceError("the clip is empty: no frame was captured yet; wait for the camera or lengthen --clip")
+    t0 = frames[0].timestamp
+    return np.stack([f.rgb for f in frames]), np.array([f.timestamp - t0 for f in frames], np.float64)
 
 
 class _Reader:
@@ -109,11 +119,20 @@ class Source:
     `read(timeout)` waits for a frame newer than the last one it returned; `latest()` peeks at the
     newest frame without waiting. Iterating yields frames until the source ends. Counters:
     `frames` (captured), `dropped` (replaced before being read), `reconnects`.
+
+    With `history=S` the thread also keeps the last S seconds of frames, at most `history_fps` a
+    second (a video model samples a clip at a few fps; keeping every 30 fps frame would only cost
+    memory), and `clip(seconds)` returns them: "how many people walked in in the last ten seconds".
     """
 
     def __init__(self, open_reader: Callable[[], _Reader], name: str, *, live: bool, realtime: bool = True,
                  loop: bool = False, fps: float | None = None, retry_for: float | None = None,
-                 on_status: Callable[[str], None] | None = None) -> None:
+                 on_status: Callable[[str], None] | None = None, history: float = 0.0,
+                 history_fps: float = 4.0) -> None:
+        if history < 0 or history_fps <= 0:
+            raise SourceError(f"history {history} s at {history_fps} fps: both must be positive (e.g. --clip 10)")
+        self.history, self.history_fps = float(history), float(history_fps)
+        self._history: collections.deque[Frame] = collections.deque()
         self.name, self.live, self.loop = name, live, loop
         self.realtime = realtime or live
         self.retry_for = retry_for
@@ -160,6 +179,20 @@ class Source:
         """The newest captured frame (read or not), or None before the first one."""
         self.start()
         return self._newest
+
+    def clip(self, seconds: float | None = None) -> list[Frame]:
+        """The kept frames of the last `seconds` (default: all the history), oldest first, all of the newest
+        frame's size (a reconnect may change the mode). Empty before the first frame."""
+        if not self.history:
+            raise SourceError(f"{self.name} keeps no history: open it with history=SECONDS (watch --clip SECONDS)")
+        self.start()
+        with self._cond:
+            kept = list(self._history)
+        if not kept:
+            return []
+        newest = kept[-1]
+        since = newest.timestamp - (self.history if seconds is None else float(seconds))
+        return [f for f in kept if f.timestamp >= since and f.rgb.shape == newest.rgb.shape]
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
@@ -234,7 +267,18 @@ class Source:
                 self.dropped += 1
             self._newest = Frame(self.frames, rgb, time.time())
             self.frames += 1
+            if self.history:
+                self._keep(self._newest)
             self._cond.notify_all()
+
+    def _keep(self, frame: Frame) -> None:
+        """Add to the clip history (called with the lock held): at most history_fps, at most history seconds."""
+        h = self._history
+        if h and frame.timestamp - h[-1].timestamp < 1.0 / self.history_fps:
+            return
+        h.append(frame)
+        while h and h[0].timestamp < frame.timestamp - self.history:
+            h.popleft()
 
     def _finish(self, status: str, error: str | None) -> None:
         with self._cond:
@@ -346,7 +390,8 @@ def _image_paths(uri: str) -> list[str] | None:
 
 def open_source(uri: str | int, *, loop: bool = False, realtime: bool | None = None, fps: float | None = None,
                 width: int | None = None, height: int | None = None, retry_for: float | None = None,
-                on_status: Callable[[str], None] | None = None) -> Source:
+                on_status: Callable[[str], None] | None = None, history: float = 0.0,
+                history_fps: float = 4.0) -> Source:
     """Open the camera, stream, file or image folder that `uri` names (see the module doc) and start capturing.
 
     loop: start a file/folder again at its end. realtime: pace a file/folder like a camera, at `fps` or
@@ -355,12 +400,14 @@ def open_source(uri: str | int, *, loop: bool = False, realtime: bool | None = N
     width/height/fps: requested capture mode of V4L2 and CSI cameras. retry_for: give a lost live
     source up after this many seconds (default: keep trying). on_status: called with one-line
     messages (lost, reconnecting, reconnected); default: the `molmo_edge.sources` logger.
+    history/history_fps: keep the last `history` seconds at up to `history_fps` for `Source.clip()`.
     Raises SourceError at once when the source cannot be opened.
     """
     import cv2
     uri = str(uri).strip()
     name = _redact(uri)
-    live = dict(live=True, fps=fps, retry_for=retry_for, on_status=on_status)
+    live = dict(live=True, fps=fps, retry_for=retry_for, on_status=on_status, history=history, history_fps=history_fps)
+    kept = dict(history=history, history_fps=history_fps)
     if not uri:
         raise SourceError("empty source; pass a camera (0, /dev/video0, csi://0), a stream URL, a video file or an image folder")
     if uri.isdigit() or uri.startswith("/dev/video"):
@@ -390,9 +437,10 @@ def open_source(uri: str | int, *, loop: bool = False, realtime: bool | None = N
         if not images:
             raise SourceError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the folder or pattern")
         opener = lambda: _ImageListReader(images, say)  # noqa: E731
-        return Source(opener, path, live=False, realtime=bool(realtime), loop=loop, fps=fps, on_status=on_status)
+        return Source(opener, path, live=False, realtime=bool(realtime), loop=loop, fps=fps, on_status=on_status, **kept)
     if not os.path.exists(path):
         raise SourceError(f"source {path!r} not found: no such file or folder (cameras are 0, /dev/video0 or csi://0)")
     opener = _cv_opener(path, cv2.CAP_FFMPEG, path, "not a video OpenCV can decode (unsupported codec or a "
                         "damaged file); convert it with ffmpeg -i IN -c:v libx264 OUT.mp4")
-    return Source(opener, path, live=False, realtime=realtime is not False, loop=loop, fps=fps, on_status=on_status)
+    return Source(opener, path, live=False, realtime=realtime is not False, loop=loop, fps=fps, on_status=on_status,
+                  **kept)

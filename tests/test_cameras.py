@@ -238,3 +238,37 @@ def test_source_in_os_environment_untouched_for_files(tmp_path):
     assert os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS") == before
     with pytest.raises(SourceEnded):
         src.read(timeout=1)
+
+
+def test_clip_keeps_the_last_seconds_at_a_bounded_rate(tmp_path):
+    """A 20 fps video played in real time with history=1 s at 5 fps: the clip holds about the last second,
+    thinned to <= 5 fps, oldest first, with capture times as timestamps."""
+    from molmo_edge.runtime.cameras import clip_arrays
+    path = make_video(str(tmp_path / "v.avi"), n=60, fps=20)
+    with open_source(path, history=1.0, history_fps=5.0) as src:
+        frames = []
+        for f in src:
+            frames.append(f)
+            if len(frames) == 40:   # ~2 s of video: the history must have dropped the first second
+                break
+        clip = src.clip()
+        short = src.clip(0.5)
+    assert 4 <= len(clip) <= 6, [f.id for f in clip]
+    assert clip[0].id > 10 and clip[-1].id >= 35
+    times = [f.timestamp for f in clip]
+    assert times == sorted(times) and min(b - a for a, b in zip(times, times[1:])) >= 0.2 - 1e-6
+    assert 0 < len(short) < len(clip) and short[-1].id == clip[-1].id
+    arr, ts = clip_arrays(clip)
+    assert arr.shape == (len(clip), 120, 160, 3) and arr.dtype == np.uint8 and ts[0] == 0 and np.all(np.diff(ts) > 0)
+
+
+def test_clip_needs_history(tmp_path):
+    from molmo_edge.runtime.cameras import clip_arrays
+    path = make_video(str(tmp_path / "v.avi"), n=5)
+    with open_source(path) as src:
+        with pytest.raises(SourceError, match="history=SECONDS"):
+            src.clip(1.0)
+    with pytest.raises(SourceError, match="clip is empty"):
+        clip_arrays([])
+    with pytest.raises(SourceError, match="must be positive"):
+        open_source(path, history=-1)
