@@ -14,9 +14,9 @@ from PIL import Image
 
 from molmo_edge.runtime.config import MolmoConfig, load_config
 from molmo_edge.runtime.preprocess import (
-    ImageCrops, ImageError, build_inputs, load_image, preprocess_image, resize_and_pad,
-    resize_bilinear_aa, select_tiling,
+    ImageCrops, ImageError, build_inputs, load_image, preprocess_image, resize_and_pad, select_tiling,
 )
+from molmo_edge.runtime.resize import resize_bilinear_aa
 
 GOLDEN = Path(os.environ.get("MOLMO_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
