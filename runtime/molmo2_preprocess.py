@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import MolmoEdgeError
-from .preprocess import ImageInput, load_image, select_tiling
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.preprocess import ImageInput, load_image, select_tiling
 
 __all__ = [
     "ImageSettings", "VideoSettings", "Molmo2Image", "Molmo2Video", "VideoError", "resize_bilinear",

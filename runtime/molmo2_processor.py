@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import MolmoEdgeError
-from .molmo2_preprocess import (ImageSettings, Molmo2Image, Molmo2Video, VideoSettings, batch_images, load_video,
-                                preprocess_image)
-from .tokenizer import Molmo2Tokenizer
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, Molmo2Image, Molmo2Video, VideoSettings,
+                                                 batch_images, load_video, preprocess_image)
+from molmo_edge.runtime.pointing import Point, VideoTimeline, parse_points
+from molmo_edge.runtime.tokenizer import Molmo2Tokenizer
 
 __all__ = ["is_molmo2_config", "is_molmo2_folder", "render_chat", "Molmo2Request", "Molmo2Processor",
            "process_inputs", "MM_TOKENS"]
@@ -185,6 +186,16 @@ class Molmo2Request:
     def image_sizes(self) -> list[tuple[int, int]]:
         """(width, height) of each image, in prompt order."""
         return [(im.size[1], im.size[0]) for im in self.images]
+
+    @property
+    def timeline(self) -> VideoTimeline | None:
+        """The video's frame size, timestamps and frame indices, for `parse_points(..., video=)`."""
+        v = self.video
+        return None if v is None else VideoTimeline(v.size[1], v.size[0], list(v.timestamps), list(v.frame_indices))
+
+    def parse_points(self, text: str) -> list[Point]:
+        """Points of an answer to this request, in pixels of its images / video frames."""
+        return parse_points(text, images=self.image_sizes, video=self.timeline)
 
 
 class Molmo2Processor:
