@@ -231,7 +231,9 @@ class Molmo2Processor:
         high-res grid with `<im_start>` (spec §6)."""
         t, f = self.tokenizer.token_ids, self.flags
         lh, lw, hh, hw = im.grid
-        low_col = f["image_use_col_tokens"] if f["use_single_crop_col_tokens"] is None else f["use_single_crop_col_tokens"]
+        low_col = f["use_single_crop_col_tokens"]
+        if low_col is None:  # falls back to the high-res setting, as in HF
+            low_col = f["image_use_col_tokens"]
         low_start = t["<low_res_im_start>"] if f["use_single_crop_start_token"] else t["<im_start>"]
         return np.concatenate([
             self._block(low_start, lh, lw, bool(low_col), t["<im_end>"]),

@@ -25,8 +25,8 @@ _PAREN = re.compile(r"(?:Click)?\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s
 _TOTAL = re.compile(r"a total of\s+(\d+)", re.I)
 _NONE = re.compile(r"\bthere are none\b", re.I)
 # Molmo2: the coords attribute may be cut off (no closing quote / `>`) when generation stopped early.
-_COORDS_TAG = re.compile(r'<(points|tracks)\b[^>]*?\bcoords\s*=\s*"([^"<>]*)("[^>]*>(.*?)(?:</\1>|(?=<(?:points|tracks)\b)|$))?',
-                         re.S | re.I)
+_COORDS_TAG = re.compile(r'<(points|tracks)\b[^>]*?\bcoords\s*=\s*"([^"<>]*)'
+                         r'("[^>]*>(.*?)(?:</\1>|(?=<(?:points|tracks)\b)|$))?', re.S | re.I)
 MOLMO2_SCALE = 1000.0
 
 

@@ -10,8 +10,7 @@ from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, VideoSettings, arange_for_pooling, batch_images,
                                                   crop_geometry, load_video, preprocess_image, resize_bilinear,
                                                   sample_frame_indices)
-from molmo_edge.runtime.molmo2_processor import (Molmo2Processor, is_molmo2_config, is_molmo2_folder, process_inputs,
-                                                 render_chat)
+from molmo_edge.runtime.molmo2_processor import Molmo2Processor, is_molmo2_config, is_molmo2_folder, render_chat
 
 from conftest import GOLDEN
 
@@ -77,12 +76,6 @@ def test_golden_case(proc, case):
         assert req.video.timestamps == want["video_timestamps"].tolist()
 
 
-def test_public_function_matches_processor(proc):
-    got = process_inputs(str(CKPT), "Point to the eyes.", [str(M2 / "inputs" / "chelsea.png")])
-    want = np.load(M2 / "cases" / "chelsea_point.preprocess.npz")
-    assert np.array_equal(got["input_ids"], want["input_ids"]) and np.array_equal(got["pixel_values"], want["pixel_values"])
-
-
 def test_molmo2_detection():
     _need_golden()
     assert is_molmo2_config(json.loads((CKPT / "config.json").read_text()))
@@ -103,7 +96,7 @@ def test_resize_matches_torch_bit_for_bit():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for (h, w), (oh, ow) in [((300, 451), (378, 644)), ((144, 192), (378, 378)), ((720, 1280), (644, 1176)),
+        for (h, w), (oh, ow) in [((300, 451), (378, 644)), ((144, 192), (378, 378)), ((480, 640), (644, 910)),
                                  ((37, 500), (378, 378)), ((512, 300), (644, 378)), ((378, 378), (378, 378))]:
             img = _rand_image(h, w, seed=h)
             t = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous().float()
@@ -294,3 +287,49 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         preprocess_image(_rand_image(20, 20), max_crops=0)
     with pytest.raises(MolmoEdgeError, match="square"):
         ImageSettings.from_dict({"size": {"height": 378, "width": 336}})
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: `molmo-edge preprocess MODEL --prompt TEXT [--image IMG]... [--video V] [--max-crops N] -o OUT.npz`
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_preprocess_reproduces_golden(case, tmp_path, capsys):
+    _need_golden()
+    from molmo_edge.runtime.cli.main import main
+    want = np.load(M2 / "cases" / f"{case}.preprocess.npz")
+    images, video = CASES[case]
+    args = ["preprocess", str(CKPT), "--prompt", str(want["user_prompt"]), "-o", str(tmp_path / "out.npz")]
+    args += [x for i in images for x in ("--image", str(M2 / "inputs" / i))]
+    args += ["--video", str(M2 / "inputs" / video)] if video else []
+    assert main(args) == 0
+    got = np.load(tmp_path / "out.npz")
+    for k in got.files:
+        if k.startswith("pixel_values"):
+            assert_pixels_close(got[k], want[k])
+        else:
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_cli_preprocess_several_images_and_max_crops(tmp_path):
+    _need_golden()
+    from PIL import Image
+    from molmo_edge.runtime.cli.main import main
+    for i, hw in enumerate([(300, 451), (720, 1280)]):
+        Image.fromarray(_rand_image(*hw, seed=i)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "two.npz"
+    assert main(["preprocess", str(CKPT), "--prompt", "Which is bigger?", "--image", str(tmp_path / "0.png"),
+                 "--image", str(tmp_path / "1.png"), "--max-crops", "2", "-o", str(out)]) == 0
+    got = np.load(out)
+    assert got["image_num_crops"].tolist() == [3, 3] and got["image_token_pooling"].max() < 6 * 729
+
+
+def test_cli_video_needs_molmo2(tmp_path, capsys):
+    from molmo_edge.runtime.cli.main import main
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "config.json").write_text(json.dumps({"model_type": "molmo", "d_model": 64}))
+    np.savez(tmp_path / "v.npz", frames=np.zeros((2, 8, 8, 3), np.uint8), fps=2.0)
+    assert main(["preprocess", str(tmp_path / "v1"), "--prompt", "x", "--video", str(tmp_path / "v.npz"),
+                 "-o", str(tmp_path / "x.npz")]) == 2
+    assert "--video needs a Molmo2 model" in capsys.readouterr().err

@@ -92,8 +92,19 @@ def _torch_model(folder: str):
 
 
 def cmd_preprocess(a: argparse.Namespace) -> int:
-    proc = _processor(_model_folder(a.model))
-    out = proc.process(a.prompt, a.image, max_crops=a.max_crops)
+    from molmo_edge.runtime.molmo2_processor import is_molmo2_folder
+    folder = _model_folder(a.model)
+    images = a.image or []
+    if is_molmo2_folder(folder):
+        from molmo_edge.runtime.molmo2_processor import process_inputs
+        out = process_inputs(folder, a.prompt, images, a.video, max_crops=a.max_crops)
+    else:
+        if a.video:
+            raise MolmoEdgeError(f"--video needs a Molmo2 model; {folder} is a Molmo (v1) model, which takes one image")
+        if len(images) > 1:
+            raise MolmoEdgeError(f"{folder} is a Molmo (v1) model, which takes one image; pass a single --image "
+                                 "(several images need Molmo2)")
+        out = _processor(folder).process(a.prompt, images[0] if images else None, max_crops=a.max_crops)
     _save_npz(a.output, out)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items())
     say(f"wrote {a.output}: {shapes}")
@@ -267,13 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=48)
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("preprocess", help="turn a prompt (and image) into model inputs (.npz, HF processor names)",
-                       description="Run Molmo's processor: tokenize the prompt, tile and normalise the image, and write "
-                                   "input_ids, images, image_input_idx and image_masks exactly as AI2's HF processor does.")
+    s = sub.add_parser("preprocess", help="turn a prompt (and images or a video) into model inputs (.npz, HF processor names)",
+                       description="Run the model's processor and write its arrays exactly as the HF processor does: for "
+                                   "Molmo, input_ids, images, image_input_idx and image_masks (AI2's processor); for "
+                                   "Molmo2, input_ids, attention_mask, mm_token_type_ids, and pixel_values, "
+                                   "image_token_pooling, image_grids, image_num_crops (images) or pixel_values_videos, "
+                                   "video_token_pooling, video_grids (video), as transformers' Molmo2Processor.")
     s.add_argument("model", metavar="MODEL", help="checkpoint folder, hub id, or bundle folder")
-    s.add_argument("--image", help="image file (jpg/png/...); omit for a text-only prompt")
+    s.add_argument("--image", action="append", metavar="IMG",
+                   help="image file (jpg/png/...); repeat for several images (Molmo2); omit for a text-only prompt")
+    s.add_argument("--video", metavar="V", help="Molmo2 only: a video file (decoded with OpenCV) or an .npz with "
+                                                "`frames` uint8 [T, H, W, 3] RGB and `fps`")
     s.add_argument("--prompt", required=True, help="the user's question, e.g. \"Point to the red cup\"")
-    s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (default: the model's, 12)")
+    s.add_argument("--max-crops", type=int, default=None,
+                   help="most high-res crops per image (default: the model's, 12 for Molmo, 8 for Molmo2)")
     s.add_argument("-o", "--output", required=True, help="where to write the .npz")
     s.set_defaults(fn=cmd_preprocess)
 
