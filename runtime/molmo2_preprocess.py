@@ -186,12 +186,11 @@ def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     (float resize, round half to even, clamp)."""
     h0, h1, a0, a1 = _taps(img.shape[0], out_h)
     w0, w1, b0, b1 = _taps(img.shape[1], out_w)
-    x = img.astype(_F32)
-    top, bot = x[h0], x[h1]
+    top, bot = img[h0], img[h1]  # gather in uint8: a large photo is never converted to float whole
     # four tap weights, each a float32 product (h-weight * w-weight)
     w00, w01 = (a0[:, None] * b0[None, :])[..., None], (a0[:, None] * b1[None, :])[..., None]
     w10, w11 = (a1[:, None] * b0[None, :])[..., None], (a1[:, None] * b1[None, :])[..., None]
-    acc = _fma(top[:, w0], w00, top[:, w1] * w01)
+    acc = _fma(top[:, w0], w00, top[:, w1].astype(_F32) * w01)
     acc = _fma(bot[:, w0], w10, acc)
     acc = _fma(bot[:, w1], w11, acc)
     return np.clip(np.rint(acc), 0, 255).astype(np.uint8)
