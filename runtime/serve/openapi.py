@@ -33,7 +33,11 @@ def openapi(lim: Limits) -> dict[str, Any]:
                     "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}}},
                 "Point": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"},
                                                            "x_pct": {"type": "number"}, "y_pct": {"type": "number"},
-                                                           "label": {"type": "string"}}},
+                                                           "label": {"type": "string"},
+                                                           "image": {"type": ["integer", "null"]},
+                                                           "time": {"type": ["number", "null"]},
+                                                           "frame": {"type": ["integer", "null"]},
+                                                           "object": {"type": ["integer", "null"]}}},
                 "Answer": {"type": "object", "properties": {
                     "prompt": {"type": "string"}, "text": {"type": "string"},
                     "token_ids": {"type": "array", "items": {"type": "integer"}},
