@@ -142,12 +142,14 @@ class VideoSettings(_CommonSettings):
     pooling_size: tuple[int, int] = (3, 3)
     num_frames: int = 64
     max_fps: float | None = 2.0
+    do_sample_frames: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "VideoSettings":
         out = cls._common(d, (3, 3))
         out["num_frames"] = int(d.get("num_frames") or 64)
         out["max_fps"] = None if d.get("max_fps", 2) is None else float(d.get("max_fps", 2))
+        out["do_sample_frames"] = bool(d.get("do_sample_frames", True))
         return cls(**out)
 
     @classmethod
@@ -315,6 +317,8 @@ def sample_frame_indices(total_frames: int, fps: float | None, settings: VideoSe
     s = settings or VideoSettings()
     if total_frames < 1:
         raise VideoError("the video has no frames; pass a video with at least one frame")
+    if not s.do_sample_frames and num_frames is None:
+        return np.arange(total_frames, dtype=np.int64)
     fps = float(fps) if fps else (s.max_fps or 1.0)
     target = int(num_frames or s.num_frames)
     if s.max_fps is not None and fps > s.max_fps:
@@ -405,37 +409,45 @@ def load_video(src: str | os.PathLike | np.ndarray, settings: VideoSettings | No
 
 
 def _load_video_file(path: str, s: VideoSettings, fps: float | None, num_frames: int | None) -> Molmo2Video:
-    """Decode only the sampled frames. OpenCV's frame count is a container estimate, so the frames are
-    counted by grabbing them; a second pass retrieves the sampled ones."""
+    """Decode only the sampled frames. OpenCV's frame count is a container estimate: the pass that keeps the
+    sampled frames also counts them all, and when the estimate was wrong a second pass samples the true count."""
     import cv2
 
-    def open_() -> Any:
-        cap = cv2.VideoCapture(path)
-        if not cap.isOpened():
-            raise VideoError(f"OpenCV cannot open {path!r} as a video; pass an .mp4/.avi/.mkv it can decode, "
-                             "or an .npz with `frames` and `fps`")
-        return cap
-
-    cap = open_()
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise VideoError(f"OpenCV cannot open {path!r} as a video; pass an .mp4/.avi/.mkv it can decode, "
+                         "or an .npz with `frames` and `fps`")
     fps = fps or float(cap.get(cv2.CAP_PROP_FPS)) or None
-    total = 0
-    while cap.grab():
-        total += 1
+    estimate = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     cap.release()
-    idx = sample_frame_indices(total, fps, s, num_frames=num_frames)
-    wanted, frames = set(int(i) for i in idx), []
-    cap = open_()
-    for i in range(int(idx[-1]) + 1):
-        if not cap.grab():
+    total = max(estimate, 1)
+    for _ in range(2):
+        idx = sample_frame_indices(total, fps, s, num_frames=num_frames)
+        frames, count = _read_frames(path, {int(i) for i in idx})
+        if count == total and len(frames) == len(idx):
             break
+        if count == 0:
+            raise VideoError(f"OpenCV decoded no frames from {path!r}; re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+        total = count
+    else:
+        raise VideoError(f"{path!r}: OpenCV could not decode every sampled frame the same way twice; re-encode "
+                         "the video (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+    fps = fps or s.max_fps or 1.0
+    return preprocess_video([frames[i] for i in sorted(frames)], [int(i) / fps for i in idx], s,
+                            frame_indices=[int(i) for i in idx], bgr=True)
+
+
+def _read_frames(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """The wanted frames (BGR) of one sequential pass, and how many frames the pass found."""
+    import cv2
+
+    cap = cv2.VideoCapture(path)
+    frames, i = {}, 0
+    while cap.grab():
         if i in wanted:
             ok, bgr = cap.retrieve()
-            if not ok:
-                break
-            frames.append(bgr)
+            if ok:
+                frames[i] = bgr
+        i += 1
     cap.release()
-    if len(frames) != len(idx):
-        raise VideoError(f"{path!r}: could only decode {len(frames)} of the {len(idx)} sampled frames; "
-                         "re-encode the video (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
-    fps = fps or s.max_fps or 1.0
-    return preprocess_video(frames, [int(i) / fps for i in idx], s, frame_indices=[int(i) for i in idx], bgr=True)
+    return frames, i

@@ -275,6 +275,8 @@ def test_video_normalises_without_flags():
     s = VideoSettings.from_dict({"num_frames": 8, "max_fps": 2, "pooling_size": [3, 3]})
     v = load_video(np.zeros((3, 20, 20, 3), np.uint8), s, fps=1.0)
     assert np.allclose(v.pixel_values, -1.0) and v.timestamps == [0.0, 1.0, 2.0]
+    every = VideoSettings.from_dict({"do_sample_frames": False})
+    assert sample_frame_indices(30, 30.0, every).tolist() == list(range(30))
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
