@@ -22,7 +22,7 @@ from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, Molmo2Image, Mo
 from molmo_edge.runtime.pointing import Point, VideoTimeline, parse_points
 from molmo_edge.runtime.tokenizer import Molmo2Tokenizer
 
-__all__ = ["is_molmo2_config", "is_molmo2_folder", "render_chat", "Molmo2Request", "Molmo2Processor",
+__all__ = ["is_molmo2_config", "is_molmo2_folder", "render_chat", "messages_for", "Molmo2Request", "Molmo2Processor",
            "process_inputs", "MM_TOKENS"]
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<|image|>", "<|video|>"
@@ -105,8 +105,9 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True,
     of `{"type": "text"|"image"|"video", ...}` parts; an optional first `subtitle` message). Every image and
     video placeholder goes first (`<|image|>`, or `Image 1<|image|>Image 2<|image|>...`, then `<|video|>` per
     video); user turns are `<|im_start|>user\\n{text}<|im_end|>\\n`, a later user turn starts with
-    `<|im_end|>\\n` (assistant turns are left open); text parts join with a space, a part whose `style` is not
-    in `styles` (the template's DEMO_STYLES) is written `style: text`."""
+    `<|im_end|>\\n`; assistant turns are ` <|im_start|>assistant\\n{text}` (the template has a literal space
+    there) and stay open; text parts join with a space, a part whose `style` is not in `styles` (the template's
+    DEMO_STYLES) is written `style: text`."""
     n_img = n_vid = 0
     for m in messages:
         if not isinstance(m.get("content"), str):
@@ -149,8 +150,8 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True,
             if index != (2 if has_subtitle else 1):
                 out.append("<|im_end|>\n")
             out.append(f"<|im_start|>user\n{text}<|im_end|>\n")
-        else:
-            out.append(f"<|im_start|>assistant\n{text}")
+        else:  # the template has a literal space before its assistant tag (`{% else %} {# assistant #}`)
+            out.append(f" <|im_start|>assistant\n{text}")
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)

@@ -2,6 +2,7 @@
 and cases outside the golden set checked by invariants of the spec (molmo2-spec.md §5-7)."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, VideoSettings, 
                                                   sample_frame_indices)
 from molmo_edge.runtime.molmo2_processor import Molmo2Processor, is_molmo2_config, is_molmo2_folder, render_chat
 
+import molmo2_hf_cases as hf
 from conftest import GOLDEN
 
 M2 = GOLDEN / "molmo2"
 CKPT = M2 / "ckpt-qwen3-tiny"
+HF_CASES = Path(__file__).parent / "data" / "molmo2_hf_cases.npz"
 LEVEL = 1 / 127.5  # one uint8 level after (x - 127.5) / 127.5
 
 
@@ -39,19 +42,15 @@ def assert_pixels_close(got, want):
     assert np.all(np.abs(d[off] - LEVEL) <= 1e-4), d.max()
 
 
-def _rand_image(h, w, seed=0):
-    rng = np.random.default_rng(seed)
-    # smooth content plus noise, so resize rounding ties and real structure both occur
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = (127 + 100 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None]) * np.ones(3)
-    return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+_rand_image = hf.rand_image
 
 
 # --------------------------------------------------------------------------------------------
 # Golden cases
 # --------------------------------------------------------------------------------------------
 
-CASES = {"chelsea_point": (["chelsea.png"], None), "video_pan": ([], "video_astronaut_pan.npz"), "text_only": ([], None)}
+CASES = {"chelsea_point": (["chelsea.png"], None), "video_pan": ([], "video_astronaut_pan.npz"),
+         "text_only": ([], None)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -205,20 +204,59 @@ def test_preprocessed_image_is_reused(proc):
 def test_text_only_and_history(proc):
     a = proc.process("Thanks. And Germany?", history=[("What is the capital of France?", "Paris.")])
     assert set(a) == {"input_ids", "attention_mask", "mm_token_type_ids"} and not a["mm_token_type_ids"].any()
-    want = ("<|im_end|><|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis."
+    want = ("<|im_end|><|im_start|>user\nWhat is the capital of France?<|im_end|>\n <|im_start|>assistant\nParis."
             "<|im_end|>\n<|im_start|>user\nThanks. And Germany?<|im_end|>\n<|im_start|>assistant\n")
     assert a["input_ids"][0].tolist() == proc.tokenizer.encode(want)
     assert a["input_ids"].dtype == np.int64 and a["attention_mask"].tolist() == [[1] * a["input_ids"].shape[1]]
 
 
-def test_render_chat_shapes(proc):
-    msgs = [{"role": "subtitle", "content": "[0.0] hello"},
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is said?", "style": "x_style"},
-                                         {"type": "text", "text": "Be brief.", "style": "user_qa"}]},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
-    assert render_chat(msgs, styles=proc.styles) == (
-        "<|video|>[0.0] hello<|im_start|>user\nx_style: What is said? Be brief.<|im_end|>\n<|im_start|>assistant\n"
-        "Hello.<|im_end|>\n<|im_start|>user\nAgain?<|im_end|>\n<|im_start|>assistant\n")
+def _hf_data():
+    _need_golden()
+    return np.load(HF_CASES)
+
+
+def _hf_templates():
+    if not HF_CASES.exists():
+        return []
+    with np.load(HF_CASES) as d:
+        return [json.loads(str(d[k])) for k in sorted(d.files) if k.startswith("template/")]
+
+
+@pytest.mark.parametrize("t", _hf_templates(), ids=lambda t: str(len(t["messages"])))
+def test_render_chat_matches_the_template(proc, t):
+    """Message shapes rendered by transformers 5.24's apply_chat_template (note the literal space before an
+    assistant turn's tag)."""
+    assert render_chat(t["messages"], styles=proc.styles) == t["gen"]
+    assert render_chat(t["messages"], add_generation_prompt=False, styles=proc.styles) == t["nogen"]
+
+
+@pytest.mark.parametrize("case", sorted(hf.CASES))
+def test_matches_hf_processor_outside_golden_set(proc, case):
+    """Other sizes, reduced max_crops, several images, video at other rates, image + video, history: exactly what
+    transformers 5.24's Molmo2Processor returned for them (tests/molmo2_hf_cases.py)."""
+    ref = _hf_data()
+    c = hf.CASES[case]
+    images = hf.images_of(c, str(M2))
+    video = None
+    if "video" in c:
+        frames, fps = hf.frames_of(c)
+        video = proc.video(frames, fps=fps)
+    req = proc.prepare(c["prompt"], images, video, history=[tuple(h) for h in c.get("history", [])],
+                       max_crops=c.get("max_crops"))
+    assert req.text == str(ref[f"{case}/prompt_text"])
+    names = {k.split("/", 1)[1].split(".")[0] for k in ref.files if k.startswith(case + "/")} - {"prompt_text"}
+    assert set(req.arrays) == names
+    for k, v in req.arrays.items():
+        if k.startswith("pixel_values"):
+            assert list(v.shape) == ref[f"{case}/{k}.shape"].tolist() and v.dtype == np.float32
+            got = v.reshape(-1)[hf.sample_positions(f"{case}/{k}", v.size)].astype(np.float64) * 127.5 + 127.5
+            d = np.abs(got - ref[f"{case}/{k}.levels"])
+            assert d.max() <= 1 + 1e-3 and (d > 1e-3).mean() <= 0.005, (k, d.max())
+        else:
+            assert v.dtype == ref[f"{case}/{k}"].dtype and np.array_equal(v, ref[f"{case}/{k}"]), k
+
+
+def test_render_chat_checks(proc):
     assert "point_count" in proc.styles and len(proc.styles) == 41
     with pytest.raises(MolmoEdgeError, match="alternate"):
         render_chat([{"role": "assistant", "content": "hi"}])
