@@ -6,10 +6,8 @@ whole image is resized to (aspect ratio not kept), with the pooling index tensor
 which patches each image token pools (2x2 windows, -1 = empty slot). A video becomes sampled frames, each
 resized to 378x378 and pooled 3x3, with their timestamps.
 
-The resize is torch's CPU bilinear (`antialias=False`, half-pixel centres) on float values, then round half
-to even and clamp to uint8. With one thread and 3 channels torch runs its channels-last kernel, which sums
-the four taps left to right in float32 with fused multiply-adds; `resize_bilinear` reproduces that
-bit for bit (the goldens were made with one thread). No torch here: numpy, PIL, OpenCV only.
+The resize is torch's CPU bilinear without antialias (`resize.resize_bilinear`, bit for bit the kernel the
+goldens ran). No torch here: numpy, PIL, OpenCV only.
 """
 from __future__ import annotations
 
@@ -22,9 +20,10 @@ import numpy as np
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.preprocess import ImageInput, load_image, select_tiling
+from molmo_edge.runtime.resize import resize_bilinear
 
 __all__ = [
-    "ImageSettings", "VideoSettings", "Molmo2Image", "Molmo2Video", "VideoError", "resize_bilinear",
+    "ImageSettings", "VideoSettings", "Molmo2Image", "Molmo2Video", "VideoError",
     "crop_geometry", "arange_for_pooling", "preprocess_image", "batch_images", "sample_frame_indices",
     "preprocess_video", "load_video",
 ]
@@ -156,46 +155,6 @@ class VideoSettings(_CommonSettings):
     def from_folder(cls, folder: str) -> "VideoSettings":
         p = os.path.join(folder, "video_preprocessor_config.json")
         return cls.from_dict(_read_json(p)) if os.path.exists(p) else cls()
-
-
-# --------------------------------------------------------------------------------------------
-# Resize: torch CPU bilinear, antialias=False, align_corners=False, 3-channel channels-last kernel
-# --------------------------------------------------------------------------------------------
-
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 fused multiply-add: the float32 product is exact in float64, so one float64 add then one
-    rounding to float32 (double rounding is off by one ulp only in vanishingly rare cases)."""
-    return (a.astype(np.float64) * b + c).astype(_F32)
-
-
-def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights per output index, in float32 as torch computes them (the source
-    coordinate `scale * (i + 0.5) - 0.5` is one fused multiply-add)."""
-    if in_size == out_size:  # torch copies: weights (1, 0) on the same pixel
-        i = np.arange(out_size)
-        return i, i, np.ones(out_size, _F32), np.zeros(out_size, _F32)
-    scale = _F32(in_size) / _F32(out_size)
-    src = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(_F32)
-    src = np.maximum(src, _F32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    lam = np.clip(src - i0.astype(_F32), _F32(0), _F32(1)).astype(_F32)
-    i1 = i0 + (i0 < in_size - 1)
-    return i0, i1, (_F32(1) - lam).astype(_F32), lam
-
-
-def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """uint8 HxWxC -> uint8 out_h x out_w x C, bilinear without antialias, exactly as HF's Molmo2 processors
-    (float resize, round half to even, clamp)."""
-    h0, h1, a0, a1 = _taps(img.shape[0], out_h)
-    w0, w1, b0, b1 = _taps(img.shape[1], out_w)
-    top, bot = img[h0], img[h1]  # gather in uint8: a large photo is never converted to float whole
-    # four tap weights, each a float32 product (h-weight * w-weight)
-    w00, w01 = (a0[:, None] * b0[None, :])[..., None], (a0[:, None] * b1[None, :])[..., None]
-    w10, w11 = (a1[:, None] * b0[None, :])[..., None], (a1[:, None] * b1[None, :])[..., None]
-    acc = _fma(top[:, w0], w00, top[:, w1].astype(_F32) * w01)
-    acc = _fma(bot[:, w0], w10, acc)
-    acc = _fma(bot[:, w1], w11, acc)
-    return np.clip(np.rint(acc), 0, 255).astype(np.uint8)
 
 
 def _patchify(crops: np.ndarray, patch: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False) in numpy, bit for bit.
+"""torch.nn.functional.interpolate(mode="bilinear", align_corners=False) in numpy, bit for bit: with antialias
+(Molmo v1) and without (Molmo2, `resize_bilinear`).
 
 Molmo v1's processor resizes with torchvision, i.e. this kernel in float32; reproducing its taps and
 arithmetic exactly is what makes the runtime's crops identical to AI2's (molmo-spec.md §3.3). The
@@ -136,3 +137,44 @@ def resize_bilinear_aa(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     x2 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1] * c)
     resize_into(x2, c, out_h, out_w, out.reshape(out_h, out_w * c))
     return out
+
+
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fused multiply-add: the float32 product is exact in float64, so one float64 add then one
+    rounding to float32 (double rounding is off by one ulp only in vanishingly rare cases)."""
+    return (a.astype(np.float64) * b + c).astype(_F32)
+
+
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights per output index, in float32 as torch computes them (the source
+    coordinate `scale * (i + 0.5) - 0.5` is one fused multiply-add)."""
+    if in_size == out_size:  # torch copies: weights (1, 0) on the same pixel
+        i = np.arange(out_size)
+        return i, i, np.ones(out_size, _F32), np.zeros(out_size, _F32)
+    scale = _F32(in_size) / _F32(out_size)
+    src = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(_F32)
+    src = np.maximum(src, _F32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam = np.clip(src - i0.astype(_F32), _F32(0), _F32(1)).astype(_F32)
+    i1 = i0 + (i0 < in_size - 1)
+    return i0, i1, (_F32(1) - lam).astype(_F32), lam
+
+
+def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """uint8 HxWxC -> uint8 out_h x out_w x C: `interpolate(mode="bilinear", antialias=False,
+    align_corners=False)` on float values, round half to even, clamp (Molmo2's processors, molmo2-spec.md §5).
+
+    With one thread and 3 channels torch runs its channels-last kernel, which sums the four taps left to right
+    in float32 with fused multiply-adds (weights: float32 products of the row and column weights); this is
+    that arithmetic, bit for bit. (With more threads torch takes another kernel that differs at ~3e-5 of the
+    rounding ties; the goldens were made with one.)"""
+    h0, h1, a0, a1 = _taps(img.shape[0], out_h)
+    w0, w1, b0, b1 = _taps(img.shape[1], out_w)
+    top, bot = img[h0], img[h1]  # gather in uint8: a large photo is never converted to float whole
+    # four tap weights, each a float32 product (h-weight * w-weight)
+    w00, w01 = (a0[:, None] * b0[None, :])[..., None], (a0[:, None] * b1[None, :])[..., None]
+    w10, w11 = (a1[:, None] * b0[None, :])[..., None], (a1[:, None] * b1[None, :])[..., None]
+    acc = _fma(top[:, w0], w00, top[:, w1].astype(_F32) * w01)
+    acc = _fma(bot[:, w0], w10, acc)
+    acc = _fma(bot[:, w1], w11, acc)
+    return np.clip(np.rint(acc), 0, 255).astype(np.uint8)

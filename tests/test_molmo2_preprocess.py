@@ -9,9 +9,9 @@ import pytest
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, VideoSettings, arange_for_pooling, batch_images,
-                                                  crop_geometry, load_video, preprocess_image, resize_bilinear,
-                                                  sample_frame_indices)
+                                                  crop_geometry, load_video, preprocess_image, sample_frame_indices)
 from molmo_edge.runtime.molmo2_processor import Molmo2Processor, is_molmo2_config, is_molmo2_folder, render_chat
+from molmo_edge.runtime.resize import resize_bilinear
 
 import molmo2_hf_cases as hf
 from conftest import GOLDEN
