@@ -25,7 +25,7 @@ from molmo_edge.runtime.resize import resize_bilinear
 __all__ = [
     "ImageSettings", "VideoSettings", "Molmo2Image", "Molmo2Video", "VideoError",
     "crop_geometry", "arange_for_pooling", "preprocess_image", "batch_images", "sample_frame_indices",
-    "preprocess_video", "load_video",
+    "preprocess_video", "load_video", "clip_video",
 ]
 
 _F32 = np.float32
@@ -325,6 +325,24 @@ def preprocess_video(frames: np.ndarray | Sequence[np.ndarray], timestamps: Sequ
     idx = list(frame_indices) if frame_indices is not None else list(range(len(frames)))
     return Molmo2Video(pix, pooled, (len(frames), rows, cols), [float(t) for t in timestamps], idx,
                        frames[0].shape[:2])
+
+
+def clip_video(frames: np.ndarray | Sequence[np.ndarray], times: Sequence[float], settings: VideoSettings | None = None,
+               *, num_frames: int | None = None) -> Molmo2Video:
+    """A camera clip (frames with capture times in seconds, e.g. `cameras.clip_arrays`) -> sampled video inputs.
+    The clip's real rate (frames / covered time) drives the model's sampling, and the prompt shows each sampled
+    frame's capture time since the first frame, not index / nominal fps."""
+    s = settings or VideoSettings()
+    t = np.asarray(times, np.float64)
+    if len(t) != len(frames) or len(t) == 0:
+        raise VideoError(f"{len(frames)} frames but {len(t)} capture times; pass one time per frame")
+    t = t - t[0]
+    step = float(np.median(np.diff(t))) if len(t) > 1 else 0.0
+    duration = float(t[-1]) + step
+    fps = len(t) / duration if duration > 0 else None
+    idx = sample_frame_indices(len(t), fps, s, num_frames=num_frames)
+    return preprocess_video([frames[int(i)] for i in idx], [float(t[i]) for i in idx], s,
+                            frame_indices=[int(i) for i in idx])
 
 
 def _read_npz_video(path: str) -> tuple[np.ndarray, float | None]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, Molmo2Image, Molmo2Video, VideoSettings,
-                                                 batch_images, load_video, preprocess_image)
+                                                 batch_images, clip_video, load_video, preprocess_image)
 from molmo_edge.runtime.pointing import Point, VideoTimeline, parse_points
 from molmo_edge.runtime.tokenizer import Molmo2Tokenizer
 
@@ -223,7 +223,10 @@ class Molmo2Processor:
         return preprocess_image(image, self.image_settings, max_crops=max_crops, bgr=bgr)
 
     def video(self, video: Any, *, fps: float | None = None, num_frames: int | None = None) -> Molmo2Video:
-        """Sampled, preprocessed frames of a video file, an .npz (`frames`, `fps`) or a [T, H, W, 3] array."""
+        """Sampled, preprocessed frames of a video file, an .npz (`frames`, `fps`), a [T, H, W, 3] array (with
+        `fps`), or a camera clip `(frames, capture_times)` (timestamps = capture times)."""
+        if isinstance(video, tuple) and len(video) == 2:
+            return clip_video(video[0], video[1], self.video_settings, num_frames=num_frames)
         return load_video(video, self.video_settings, fps=fps, num_frames=num_frames)
 
     # --- token layout ----------------------------------------------------------------------------

@@ -308,6 +308,17 @@ def test_video_array_and_file(proc, tmp_path):
     assert np.abs(vf.pixel_values - v.pixel_values).mean() < 0.05
 
 
+def test_camera_clip_uses_capture_times(proc):
+    """A clip at a real ~5 fps with jittered capture times: sampled at <= 2 per second, timestamps = capture times."""
+    times = np.arange(20) * 0.2 + np.r_[0, np.full(19, 0.013)]
+    frames = np.stack([_rand_image(30, 40, i) for i in range(20)])
+    v = proc.video((frames, times + 1000.0))
+    assert v.frame_indices == [0, 2, 5, 7, 10, 12, 15, 17]  # 4 s at 5 fps -> 8 frames
+    assert v.timestamps == pytest.approx([times[i] for i in v.frame_indices])
+    ids = proc.process("What changed?", video=v)["input_ids"][0]
+    assert proc.tokenizer.decode(ids).startswith("0.0  0.4  1.0  1.4  2.0  2.4  3.0  3.4 user")
+
+
 def test_video_normalises_without_flags():
     """Trap of 5.24: a video config without do_rescale/do_normalize must still normalise (AI2's behaviour)."""
     s = VideoSettings.from_dict({"num_frames": 8, "max_fps": 2, "pooling_size": [3, 3]})
