@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, VideoSettings, arange_for_pooling, batch_images,
+from molmo_edge.runtime.molmo2_preprocess import (ImageSettings, VideoSettings, arange_for_pooling,
                                                   crop_geometry, load_video, preprocess_image, sample_frame_indices)
 from molmo_edge.runtime.molmo2_processor import Molmo2Processor, is_molmo2_config, is_molmo2_folder, render_chat
 from molmo_edge.runtime.resize import resize_bilinear
@@ -73,6 +73,17 @@ def test_golden_case(proc, case):
     if video:
         assert req.video.frame_indices == want["video_frames_indices"].tolist()
         assert req.video.timestamps == want["video_timestamps"].tolist()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tokenizer_decodes_golden_generations(proc, case):
+    g = json.loads((M2 / "cases" / "q3" / f"{case}.generate.json").read_text())
+    tok = proc.tokenizer
+    assert tok.decode(g["token_ids"], skip_special_tokens=False) == g["text"]
+    assert tok.decode(g["token_ids"]) == g["text_skip_special"]
+    assert [tok.token_text(i) for i in g["token_ids"]] == g["tokens"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (151645, 151645, 151643)
+    assert tok.encode("Hello world") == [9707, 1879] and tok.encode("Point to the eyes.") == [2609, 311, 279, 6414, 13]
 
 
 def test_molmo2_detection():
