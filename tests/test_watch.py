@@ -13,7 +13,7 @@ import pytest
 from molmo_edge.runtime.cameras import Source, open_source
 from molmo_edge.runtime.serve.watch import OverlayVideo, scene_changed, scene_signature, watch
 from test_server import POINT_ANSWER, pointing_bundle  # noqa: F401 (fixture)
-from test_sources import FlakyCamera, _camera_server, _stop
+from test_cameras import FlakyCamera, _camera_server, _stop
 
 
 def scenes_video(path, pattern, fps=10, size=(160, 120)):
