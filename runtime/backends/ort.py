@@ -7,12 +7,13 @@ import os
 import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle, BundleError
+from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.kv_cache import KVCache
 
 
 def default_providers() -> list[str]:
-    import onnxruntime as ort
+    ort = require("onnxruntime")
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
@@ -22,9 +23,9 @@ class OrtBackend:
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
                  precision: str = "fp32", fused: bool | None = None):
-        import onnxruntime as ort
         from molmo_edge.runtime.bundle import select_graphs
 
+        ort = require("onnxruntime")
         self.bundle = bundle
         self.cfg = bundle.config
         self.providers = providers or default_providers()
