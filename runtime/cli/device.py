@@ -64,7 +64,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.device.doctor import diagnose, exit_code, format_findings, gather_facts
     from molmo_edge.runtime.tensorrt.check import check_bundle
-    facts = gather_facts()
+    facts = gather_facts(a.source)
     findings = diagnose(facts, a.bundle, check_bundle)
     if a.json:
         print(json.dumps({"facts": facts.to_dict(), "findings": [f.__dict__ for f in findings]}, indent=2))
@@ -139,6 +139,9 @@ def add_commands(sub) -> None:
                                    "cameras) and, given a bundle, check its graphs for this TensorRT, its engines for this "
                                    "machine, and its memory fit; each problem comes with a fix. Exit status 1 on a failure.")
     s.add_argument("bundle", metavar="BUNDLE", nargs="?")
+    s.add_argument("--source", action="append", metavar="URI",
+                   help="a camera source to check for (repeatable; csi:// needs OpenCV with GStreamer); the services' "
+                        "MOLMO_EDGE_SOURCE/--source in the environment and /etc/default/molmo-edge* are read too")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_doctor)
 

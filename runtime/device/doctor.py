@@ -10,6 +10,8 @@ import glob
 import importlib
 import os
 import platform
+import re
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -37,6 +39,18 @@ class Facts:
     tensorrt_error: str | None = None
     onnxruntime: str | None = None
     ort_providers: list[str] = field(default_factory=list)
+    ort_error: str | None = None
+    # every installed distribution that provides the `onnxruntime/` package: name -> "version at location"
+    ort_distributions: dict[str, str] = field(default_factory=dict)
+    opencv: str | None = None                  # cv2.__version__
+    opencv_path: str | None = None             # where `import cv2` comes from
+    opencv_gstreamer: bool | None = None       # "GStreamer: YES" in cv2.getBuildInformation()
+    opencv_error: str | None = None
+    opencv_distributions: dict[str, str] = field(default_factory=dict)   # pip opencv-python* wheels
+    numpy: str | None = None
+    numpy_distributions: list[str] = field(default_factory=list)         # "version at location", every copy
+    numpy_abi_errors: dict[str, str] = field(default_factory=dict)       # module -> import error naming numpy
+    sources: list[str] = field(default_factory=list)                     # configured camera sources
     cameras: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,7 +77,102 @@ def _version(module: str) -> str | None:
         return None
 
 
-def gather_facts() -> Facts:
+# distributions that install the `onnxruntime/` package (each replaces the others' files)
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn",
+                     "onnxruntime-rocm", "onnxruntime-cann", "onnxruntime-training", "ort-nightly", "ort-nightly-gpu")
+OPENCV_WHEELS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
+# what an extension module built against another numpy major says when imported
+_NUMPY_ABI = re.compile(r"compiled using NumPy|numpy\.core\.multiarray failed to import|_ARRAY_API not found|"
+                        r"numpy\.dtype size changed|binary incompatibility", re.I)
+SERVICE_ENV_FILES = ("/etc/default/molmo-edge", "/etc/default/molmo-edge-watch")
+SOURCE_VARS = ("MOLMO_EDGE_SOURCE", "MOLMO_EDGE_ARGS", "MOLMO_EDGE_WATCH_ARGS")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_distributions() -> dict[str, list[str]]:
+    """Normalised distribution name -> ["version at location", ...] (a venv over system site-packages sees both)."""
+    import importlib.metadata as md
+    out: dict[str, list[str]] = {}
+    for d in md.distributions():
+        try:
+            name = _norm(d.metadata["Name"] or "")
+            where = str(d.locate_file(""))
+        except Exception:  # noqa: BLE001 - a damaged dist-info must not stop doctor
+            continue
+        entry = f"{d.version} at {where}"
+        if name and entry not in out.setdefault(name, []):
+            out[name].append(entry)
+    return out
+
+
+def opencv_has_gstreamer(build_info: str) -> bool | None:
+    """From cv2.getBuildInformation(): the Video I/O line `GStreamer: YES (1.20.3)` / `NO`; None if absent."""
+    m = re.search(r"^\s*GStreamer:\s*(YES|NO)\b", build_info, re.M)
+    return None if m is None else m.group(1) == "YES"
+
+
+def _words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError:   # an unbalanced quote: plain words are good enough to find --source
+        return text.split()
+
+
+def sources_in(text: str) -> list[str]:
+    """Camera sources in a service's settings: values of MOLMO_EDGE_SOURCE=... and `--source X` in argument strings."""
+    out: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        var, _, value = line.partition("=")
+        var = var.strip().removeprefix("export ").strip()
+        words = _words(value)
+        if var == "MOLMO_EDGE_SOURCE":
+            out += words[:1]
+        elif var in SOURCE_VARS:
+            words = [x for w in words for x in (_words(w) if " " in w else [w])]   # VAR="--a 1 --b 2"
+            out += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--source"]
+            out += [w.split("=", 1)[1] for w in words if w.startswith("--source=")]
+    return out
+
+
+def configured_sources(extra: list[str] | None = None, env: dict[str, str] | None = None,
+                       files: tuple[str, ...] = SERVICE_ENV_FILES) -> list[str]:
+    """Sources given to doctor, in its environment (systemd passes the unit's to ExecStartPre) and in the
+    service settings files; only the source values are read."""
+    env = os.environ if env is None else env
+    found = list(extra or [])
+    found += sources_in("\n".join(f"{k}={env[k]}" for k in SOURCE_VARS if k in env))
+    for path in files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                found += sources_in(fh.read())
+        except OSError:
+            pass
+    return list(dict.fromkeys(found))
+
+
+def _import_error(module: str) -> tuple[Any, str | None]:
+    """(module or None, first line of the import error); stderr noise of a numpy-ABI failure is kept out."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            return importlib.import_module(module), None
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError (_ARRAY_API), ValueError (dtype size)
+        said = buf.getvalue()
+        msg = f"{type(e).__name__}: {e}"
+        if _NUMPY_ABI.search(said) and not _NUMPY_ABI.search(msg):
+            msg += " (" + next((x.strip() for x in said.splitlines() if _NUMPY_ABI.search(x)), "") + ")"
+        return None, msg[:300]
+
+
+def gather_facts(sources: list[str] | None = None) -> Facts:
     f = Facts(python=platform.python_version(), platform=platform.platform(), machine=platform.machine())
     try:
         f.memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -83,16 +192,44 @@ def gather_facts() -> Facts:
     except Exception as e:  # noqa: BLE001 - no bindings, no driver, no GPU
         f.gpu_error = str(e).splitlines()[0][:200]
     try:
-        trt = importlib.import_module("tensorrt")
-        f.tensorrt = str(trt.__version__)
-    except Exception as e:  # noqa: BLE001
-        f.tensorrt_error = f"{type(e).__name__}: {e}"[:200]
-    try:
-        import onnxruntime as ort
-        f.onnxruntime = ort.__version__
-        f.ort_providers = list(ort.get_available_providers())
+        import numpy
+        f.numpy = numpy.__version__
     except Exception:  # noqa: BLE001
         pass
+    trt, err = _import_error("tensorrt")
+    if trt is not None:
+        f.tensorrt = str(trt.__version__)
+    else:
+        f.tensorrt_error = err
+    ort, err = _import_error("onnxruntime")
+    if ort is not None:
+        f.onnxruntime = str(getattr(ort, "__version__", "?"))
+        try:
+            f.ort_providers = list(ort.get_available_providers())
+        except Exception as e:  # noqa: BLE001 - a half-overwritten package has no providers
+            f.ort_error = f"{type(e).__name__}: {e}"[:200]
+    else:
+        f.ort_error = err
+    cv2, err = _import_error("cv2")
+    if cv2 is not None:
+        f.opencv, f.opencv_path = str(getattr(cv2, "__version__", "?")), getattr(cv2, "__file__", None)
+        try:
+            f.opencv_gstreamer = opencv_has_gstreamer(cv2.getBuildInformation())
+        except Exception:  # noqa: BLE001
+            pass
+    else:
+        f.opencv_error = err
+    for module, e in (("tensorrt", f.tensorrt_error), ("onnxruntime", f.ort_error), ("cv2", f.opencv_error)):
+        if e and _NUMPY_ABI.search(e):
+            f.numpy_abi_errors[module] = e
+    try:
+        dists = installed_distributions()
+    except Exception:  # noqa: BLE001
+        dists = {}
+    f.ort_distributions = {n: "; ".join(dists[n]) for n in ORT_DISTRIBUTIONS if n in dists}
+    f.opencv_distributions = {n: "; ".join(dists[n]) for n in OPENCV_WHEELS if n in dists}
+    f.numpy_distributions = list(dists.get("numpy", []))
+    f.sources = configured_sources(sources)
     f.cameras = sorted(glob.glob("/dev/video*"))
     return f
 
@@ -168,18 +305,78 @@ def diagnose_machine(f: Facts) -> list[Finding]:
                if on_jetson else "the onnxruntime backend works without it; TensorRT engines need `pip install tensorrt-cu12` "
                "on an NVIDIA GPU, or a Jetson")
         out.append(Finding("tensorrt", status, f"TensorRT Python bindings missing ({f.tensorrt_error or 'not installed'})", fix))
+    out += diagnose_install(f)
     if f.onnxruntime:
         gpu_ep = [p for p in f.ort_providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
         status = "ok" if gpu_ep or not (on_jetson or f.gpu) else "warn"
         out.append(Finding("onnxruntime", status, f"onnxruntime {f.onnxruntime}: {', '.join(f.ort_providers)}",
                            "" if status == "ok" else _ort_index(f.jetpack)))
     else:
-        out.append(Finding("onnxruntime", "fail", "onnxruntime is not installed", "pip install onnxruntime"))
+        fix = ("jetson/setup.sh (or " + _ort_index(f.jetpack) + ")" if on_jetson else
+               "pip install 'molmo-edge[cpu]' (or '[gpu]' with an NVIDIA GPU)")
+        out.append(Finding("onnxruntime", "fail", f"onnxruntime is not importable ({f.ort_error or 'not installed'})", fix))
     if f.cameras:
         out.append(Finding("cameras", "ok", ", ".join(f.cameras)))
     else:
         out.append(Finding("cameras", "info", "no /dev/video* camera (CSI cameras need nvargus-daemon; files and RTSP "
                            "work anyway)"))
+    return out
+
+
+def _major(version: str) -> str:
+    return version.split(" ")[0].split(".")[0]
+
+
+def diagnose_install(f: Facts) -> list[Finding]:
+    """Installs that break the device's stack: two onnxruntime distributions over one package, an OpenCV
+    without GStreamer where a csi:// camera is configured, a numpy of another ABI than the compiled modules'."""
+    out: list[Finding] = []
+    on_jetson = f.l4t is not None
+    if len(f.ort_distributions) > 1:
+        names = sorted(f.ort_distributions)
+        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names and (on_jetson or f.gpu) else names[0]
+        how = (_ort_index(f.jetpack) if on_jetson and keep == "onnxruntime-gpu"
+               else f"pip install {keep}")
+        out.append(Finding("onnxruntime", "fail", f"{len(names)} onnxruntime distributions are installed at once "
+                           f"({'; '.join(f'{n} {v}' for n, v in sorted(f.ort_distributions.items()))}): they share one "
+                           "`onnxruntime/` package, the last one installed owns its files (CUDA provider lost or mixed)",
+                           f"pip uninstall -y {' '.join(names)} && {how}"))
+    csi = [s for s in f.sources if s.lower().startswith("csi://")]
+    wheels = sorted(f.opencv_distributions)
+    if csi and (f.opencv is None or f.opencv_gstreamer is not True):
+        what = (f"OpenCV is not importable ({f.opencv_error or 'not installed'})" if f.opencv is None else
+                f"OpenCV {f.opencv} at {f.opencv_path or '?'} has no GStreamer" if f.opencv_gstreamer is False else
+                f"OpenCV {f.opencv} does not say whether it has GStreamer")
+        if wheels and on_jetson:
+            fix = (f"pip uninstall -y {' '.join(wheels)} (pip's wheels have no GStreamer and shadow JetPack's OpenCV), "
+                   "then `python3 -c 'import cv2'` must come from /usr/lib/python3/dist-packages")
+        elif on_jetson:
+            fix = "sudo apt install libopencv-python (JetPack's OpenCV, built with GStreamer), or re-run jetson/setup.sh"
+        else:
+            fix = "csi:// needs an OpenCV built with GStreamer (JetPack's); use /dev/videoN, rtsp:// or a file here"
+        out.append(Finding("opencv", "fail", f"{what}, but csi:// camera {csi[0]} is configured: it cannot open", fix))
+    elif f.opencv:
+        gst = {True: "with GStreamer", False: "without GStreamer", None: "GStreamer unknown"}[f.opencv_gstreamer]
+        status = "warn" if on_jetson and wheels else "ok"
+        out.append(Finding("opencv", status, f"OpenCV {f.opencv} ({gst}) from {f.opencv_path or '?'}"
+                           + (f"; pip wheels {', '.join(wheels)} installed" if wheels else ""),
+                           f"pip uninstall -y {' '.join(wheels)} (keeps JetPack's GStreamer OpenCV for csi://)"
+                           if status == "warn" else ""))
+    elif f.opencv_error and not f.numpy_abi_errors.get("cv2"):
+        out.append(Finding("opencv", "warn", f"OpenCV is not importable ({f.opencv_error}): cameras, watch and overlays "
+                           "need it", "jetson/setup.sh" if on_jetson else "pip install 'molmo-edge[cpu]'"))
+    for module, err in sorted(f.numpy_abi_errors.items()):
+        built_for_1 = re.search(r"NumPy 1\.x|multiarray failed|_ARRAY_API", err, re.I) is not None
+        majors = sorted({_major(d) for d in f.numpy_distributions})
+        fix = ("pip install 'numpy<2' (the module was built against numpy 1.x; JetPack 6's system modules are)"
+               if built_for_1 else f"pip install --upgrade numpy (the module needs a newer numpy than {f.numpy})")
+        out.append(Finding("numpy", "fail", f"numpy {f.numpy or '?'} does not match the ABI {module} was built for "
+                           f"({err})" + (f"; numpy copies: {', '.join(f.numpy_distributions)}" if len(majors) > 1 else ""),
+                           fix))
+    if not f.numpy_abi_errors and len({_major(d) for d in f.numpy_distributions}) > 1 and on_jetson:
+        out.append(Finding("numpy", "warn", f"numpy {f.numpy} shadows another major version "
+                           f"({', '.join(f.numpy_distributions)}): system modules built for it may fail to import",
+                           "pip install 'numpy<2'" if any(_major(d) == "1" for d in f.numpy_distributions) else ""))
     return out
 
 
