@@ -20,7 +20,7 @@ import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle
 from molmo_edge.runtime.backends.cuda import CudaError, TensorRTMissing, open_cuda  # noqa: F401 - re-exported
-from molmo_edge.runtime.backends.trt_engines import (EngineError, Profile, ShapeRange, TrtEnv, decoder_buffers,
+from molmo_edge.runtime.backends.trt_engines import (EngineError, EngineRecord, Profile, ShapeRange, TrtEnv, decoder_buffers,
                                                      decoder_call_shapes, engine_precision, find_engine, kv_addresses,
                                                      nbytes, select_profile, vision_buffers)
 from molmo_edge.runtime.kv_cache import KVCache
@@ -175,6 +175,7 @@ class DeviceKVCache(KVCache):
         self.layout = "bsnh"
         self.length = 0
         self.row_bytes = kv_heads * head_dim * 4
+        self.row_shape = (kv_heads, head_dim)
         self.keys = [cuda.malloc(max_len * self.row_bytes) for _ in range(n_layers)]
         self.values = [cuda.malloc(max_len * self.row_bytes) for _ in range(n_layers)]
 
@@ -182,6 +183,19 @@ class DeviceKVCache(KVCache):
         raise EngineError("the TensorRT KV cache lives on the GPU; it is only addressed, never read on the host")
 
     slot = past
+
+    def read_back(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of one layer's filled K/V [length, kv_heads, head_dim]: for build's parity check only
+        (a step never does this)."""
+        out = []
+        for base in (self.keys[layer], self.values[layer]):
+            host = np.empty((self.length, *self.row_shape), np.float32)
+            if self.length:
+                stream = self.cuda.stream()
+                self.cuda.d2h(host, base, stream)
+                self.cuda.sync(stream)
+            out.append(host)
+        return out[0], out[1]
 
     def addresses(self, layer: int, new: int) -> dict[str, tuple[int, int]]:
         return {kind: kv_addresses(base, self.row_bytes, self.length, new, self.max_len)
@@ -203,13 +217,15 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", engine: str | None = None, fused: bool = True,
-                 providers: Any = None, threads: int | None = None, _trt: Any = None, _cuda: Any = None):
+                 providers: Any = None, threads: int | None = None, record: EngineRecord | None = None,
+                 _trt: Any = None, _cuda: Any = None):
         self.bundle, self.cfg = bundle, bundle.config
         self.precision = engine_precision(precision)
         self.trt = _trt or import_tensorrt()
         self.cuda = _cuda or open_cuda()
         self.env = current_env(self.trt, self.cuda)
-        rec = find_engine(bundle.folder, bundle.manifest, self.env, self.precision, engine)
+        # `record`: an engine not registered yet (build's parity check runs it before it is kept)
+        rec = record or find_engine(bundle.folder, bundle.manifest, self.env, self.precision, engine)
         self.record = rec
         self.graphs = dict(rec.key["graphs"])
         self.device = "cuda"
