@@ -764,3 +764,18 @@ def test_host_memory_stages_measure_their_own_peak():
     if not big["exact"]:
         pytest.skip("no /proc/self/clear_refs here: stages report the process peak")
     assert mem.summary()["peak_rss_mib"] == big["peak_rss_mib"]
+
+
+def test_plan_shows_the_builds_host_memory(dense, capsys):
+    from molmo_edge.runtime.cli.main import main
+    main(["plan", dense, "--device", "orin-nano-8gb", "--json"])
+    before = json.loads(capsys.readouterr().out)["build_host_gib"]
+    assert before["peak"] == max(before["vision"], before["decoder"]) > 0 and "measured_peak" not in before
+    out, *_ = _build(dense)
+    main(["plan", dense, "--device", "orin-nano-8gb", "--json"])
+    after = json.loads(capsys.readouterr().out)["build_host_gib"]
+    rec = json.load(open(os.path.join(out, "engine.json")))
+    assert after["measured_peak"] == round(rec["host_memory"]["peak_rss_mib"] / 1024, 3)
+    assert "decoder: build" in after["measured_stages"]
+    main(["plan", dense, "--device", "orin-nano-8gb"])
+    assert "build on the device (molmo-edge build): peak host memory" in capsys.readouterr().out

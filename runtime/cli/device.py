@@ -82,9 +82,34 @@ def cmd_plan(a: argparse.Namespace) -> int:
     s = PlanSettings(precision=a.precision, max_crops=a.max_crops or cfg.preprocess.max_crops,
                      max_seq=a.max_seq or cfg.max_sequence_length,
                      workspace_mb=a.workspace or default_workspace_mb(int(dev.memory_gb * 2**30)), super_mode=a.super)
-    p = make_plan(cfg, dev, s)
+    graph_bytes, measured = _build_facts(a.bundle, s.precision)
+    p = make_plan(cfg, dev, s, graph_bytes, measured)
     print(json.dumps(p.to_dict(), indent=2) if a.json else format_plan(p))
     return 0 if p.fits else 1
+
+
+def _build_facts(path: str, precision: str) -> tuple[dict[str, int] | None, dict | None]:
+    """A bundle's ONNX weight bytes per role (what the build's parser holds) and the host memory measured by
+    its newest engine build of this precision, when there is one."""
+    from molmo_edge.runtime.bundle import is_bundle, load_bundle
+    if not is_bundle(path):
+        return None, None
+    from molmo_edge.runtime.backends.trt_engines import EngineError, list_engines, read_record
+    bundle = load_bundle(path)
+    graphs = bundle.manifest["graphs"]
+    vision = "vision.int8" if precision != "fp16" and "vision.int8" in graphs else "vision"
+    sizes = {role: int(graphs[g].get("data_bytes") or 0) + int(graphs[g].get("file_bytes") or 0)
+             for role, g in (("vision", vision), ("decoder", "decoder")) if g in graphs}
+    measured = None
+    for eng in reversed(list_engines(path)):
+        try:
+            rec = read_record(eng)
+        except EngineError:
+            continue
+        if rec.key.get("precision") == ("fp16" if precision == "fp16" else "int8") and rec.facts.get("host_memory"):
+            measured = rec.facts["host_memory"]
+            break
+    return sizes or None, measured
 
 
 def _config_for(path: str):
