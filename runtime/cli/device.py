@@ -62,6 +62,13 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
+    if a.verify:
+        if not a.bundle:
+            raise MolmoEdgeError("doctor --verify needs a bundle: molmo-edge doctor BUNDLE --verify")
+        from molmo_edge.runtime.device.first_run import first_run
+        path, report = first_run(a.bundle, a.out, dry_run=a.dry_run, build=not a.no_build)
+        print(path)
+        return 0 if a.dry_run or all(s.get("rc") in (0, None) for s in report["steps"]) else 1
     from molmo_edge.runtime.device.doctor import diagnose, exit_code, format_findings, gather_facts
     from molmo_edge.runtime.tensorrt.check import check_bundle
     facts = gather_facts(a.source)
@@ -174,6 +181,12 @@ def add_commands(sub) -> None:
                    help="a camera source to check for (repeatable; csi:// needs OpenCV with GStreamer); the services' "
                         "MOLMO_EDGE_SOURCE/--source in the environment and /etc/default/molmo-edge* are read too")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--verify", action="store_true",
+                   help="first run on a device (jetson/first-run.sh): doctor, plan, build with the parity check, bench on "
+                        "onnxruntime and TensorRT, all into one JSON file to send back (about 15 minutes at most)")
+    s.add_argument("--out", metavar="FILE", help="--verify report path (default first-run-<host>-<time>.json)")
+    s.add_argument("--dry-run", action="store_true", help="--verify: list the steps and their limits, run nothing")
+    s.add_argument("--no-build", action="store_true", help="--verify: skip the TensorRT build and its bench")
     s.set_defaults(fn=cmd_doctor)
 
     from molmo_edge.runtime.device.targets import DEVICES
