@@ -408,6 +408,7 @@ def test_configured_sources_from_doctor_env_and_service_files(tmp_path):
     got = configured_sources(["/dev/video2"], env={"MOLMO_EDGE_SOURCE": "/dev/video0"}, files=(str(f), str(w), "/nope"))
     assert got == ["/dev/video2", "/dev/video0", "csi://0", "csi://1", "rtsp://cam/1"]
     assert sources_in("MOLMO_EDGE_API_KEY=--source x") == []
+    assert configured_sources(["rtsp://admin:pw@10.0.0.2/s1"], env={}, files=()) == ["rtsp://***@10.0.0.2/s1"]
 
 
 def test_doctor_cli_takes_a_source(capsys):

@@ -531,6 +531,7 @@ def test_int8_from_qdq_graph_and_from_calibration_cache(dense):
     out, trt, cuda, _ = _build(dense, precision="int8")
     vis, dec = trt.builds
     assert vis["graph"].endswith("vision.int8.onnx") and vis["strongly_typed"] and vis["flags"] == []
+    assert trt.networks[0].fp32() == [] and trt.networks[1].fp32()      # strongly typed: no layer precision set
     assert dec["flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"] and not dec["strongly_typed"]
     assert TrtBackend(load_bundle(dense), precision="int8", _trt=FakeTrt(cuda), _cuda=cuda).graphs["vision"] == "vision.int8"
 

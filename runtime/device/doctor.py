@@ -153,7 +153,12 @@ def configured_sources(extra: list[str] | None = None, env: dict[str, str] | Non
                 found += sources_in(fh.read())
         except OSError:
             pass
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(_redact(s) for s in found))
+
+
+def _redact(uri: str) -> str:
+    """rtsp://user:password@cam/1 -> rtsp://***@cam/1: doctor's output and first-run reports carry no secrets."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
 
 
 def _import_error(module: str) -> tuple[Any, str | None]:
