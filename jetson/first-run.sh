@@ -4,7 +4,7 @@
 # JSON file to send back (machine, install checks, plan, engine keys, parity report, host memory, timings).
 # About 15 minutes at most on an Orin Nano (per-step limits; a failed or killed step is recorded, the rest runs).
 #
-#   jetson/first-run.sh BUNDLE [--out FILE] [--no-build] [--dry-run]
+#   jetson/first-run.sh BUNDLE [--out FILE] [--no-build] [--ort-precision fp32|int8|int4] [--dry-run]
 #
 # Runs `molmo-edge doctor BUNDLE --verify` from the venv jetson/setup.sh made (MOLMO_EDGE_VENV to override).
 # Best in MAXN with fixed clocks: sudo nvpmodel -m 0 && sudo jetson_clocks (the report records the mode).

@@ -169,8 +169,8 @@ class DeviceKVCache(KVCache):
     """The KV cache in GPU memory: per layer one key and one value buffer [1, max_len, kv_heads, head_dim]
     float32, sequence-major like the host cache. `reserve` and `truncate` work as in KVCache."""
 
-    def __init__(self, cuda: Any, n_layers: int, kv_heads: int, head_dim: int, max_len: int):
-        self.cuda = cuda
+    def __init__(self, cuda: Any, n_layers: int, kv_heads: int, head_dim: int, max_len: int, stream: Any = None):
+        self.cuda, self.stream = cuda, stream
         self.max_len = max_len
         self.layout = "bsnh"
         self.length = 0
@@ -191,9 +191,10 @@ class DeviceKVCache(KVCache):
         for base in (self.keys[layer], self.values[layer]):
             host = np.empty((self.length, *self.row_shape), np.float32)
             if self.length:
-                stream = self.cuda.stream()
-                self.cuda.d2h(host, base, stream)
-                self.cuda.sync(stream)
+                if self.stream is None:
+                    self.stream = self.cuda.stream()
+                self.cuda.d2h(host, base, self.stream)
+                self.cuda.sync(self.stream)
             out.append(host)
         return out[0], out[1]
 
@@ -259,7 +260,8 @@ class TrtBackend:
 
     def new_cache(self, max_len: int | None = None) -> DeviceKVCache:
         c = self.cfg
-        return DeviceKVCache(self.cuda, c.n_layers, c.n_kv_heads, c.head_dim, min(max_len or self.max_len, self.max_len))
+        return DeviceKVCache(self.cuda, c.n_layers, c.n_kv_heads, c.head_dim, min(max_len or self.max_len, self.max_len),
+                             self.stream)
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: DeviceKVCache, logit_positions: np.ndarray) -> np.ndarray:
         if not isinstance(cache, DeviceKVCache):

@@ -66,7 +66,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
         if not a.bundle:
             raise MolmoEdgeError("doctor --verify needs a bundle: molmo-edge doctor BUNDLE --verify")
         from molmo_edge.runtime.device.first_run import first_run
-        path, report = first_run(a.bundle, a.out, dry_run=a.dry_run, build=not a.no_build)
+        path, report = first_run(a.bundle, a.out, dry_run=a.dry_run, build=not a.no_build, ort_precision=a.ort_precision)
         print(path)
         return 0 if a.dry_run or all(s.get("rc") in (0, None) for s in report["steps"]) else 1
     from molmo_edge.runtime.device.doctor import diagnose, exit_code, format_findings, gather_facts
@@ -187,6 +187,8 @@ def add_commands(sub) -> None:
     s.add_argument("--out", metavar="FILE", help="--verify report path (default first-run-<host>-<time>.json)")
     s.add_argument("--dry-run", action="store_true", help="--verify: list the steps and their limits, run nothing")
     s.add_argument("--no-build", action="store_true", help="--verify: skip the TensorRT build and its bench")
+    s.add_argument("--ort-precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="--verify: graphs the onnxruntime bench runs (int4 when only that fits, see `plan`)")
     s.set_defaults(fn=cmd_doctor)
 
     from molmo_edge.runtime.device.targets import DEVICES

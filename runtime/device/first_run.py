@@ -78,13 +78,15 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def steps_for(bundle: str, device: str | None, build: bool = True) -> list[tuple[str, list[str]]]:
+def steps_for(bundle: str, device: str | None, build: bool = True, ort_precision: str = "fp32") -> list[tuple[str, list[str]]]:
+    """The commands, in order. `ort_precision`: the graphs the onnxruntime bench runs (int4 is what fits an
+    8 GB module for MolmoE; `plan` says which)."""
     out: list[tuple[str, list[str]]] = [("doctor", ["doctor", bundle, "--json"])]
     if device:
         out.append(("plan", ["plan", bundle, "--device", device, "--json"]))
     if build:
         out.append(("build", ["build", bundle, "--precision", "fp16"]))
-    out.append(("bench onnxruntime", ["bench", bundle, "--backend", "onnxruntime", *BENCH_ARGS]))
+    out.append(("bench onnxruntime", ["bench", bundle, "--backend", "onnxruntime", "--precision", ort_precision, *BENCH_ARGS]))
     if build:
         out.append(("bench tensorrt", ["bench", bundle, "--backend", "tensorrt", *BENCH_ARGS]))
     return out
@@ -140,7 +142,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def first_run(bundle: str, out: str | None = None, dry_run: bool = False, build: bool = True,
+def first_run(bundle: str, out: str | None = None, dry_run: bool = False, build: bool = True, ort_precision: str = "fp32",
               runner: Runner = subprocess_runner, limits: dict[str, int] | None = None,
               progress: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> tuple[str, dict[str, Any]]:
     """Run the steps and write the report; returns (report path, report)."""
@@ -158,7 +160,7 @@ def first_run(bundle: str, out: str | None = None, dry_run: bool = False, build:
                               "bundle": os.path.abspath(bundle), "jetson_module": device, "l4t": info.l4t,
                               "jetpack": info.jetpack, "model": info.model, "power_mode": info.power_mode,
                               "limits_s": limits, "steps": [], "bench": {}}
-    plan = steps_for(bundle, device, build)
+    plan = steps_for(bundle, device, build, ort_precision)
     for name, argv in plan:
         if dry_run:
             report["steps"].append({"name": name, "argv": ["molmo-edge", *argv], "limit_s": limits[name], "rc": None})
