@@ -427,3 +427,16 @@ def test_service_units_default_to_onnxruntime(unit):
     assert defaults == ["onnxruntime"]
     assert '--backend "$MOLMO_EDGE_BACKEND"' in text and "MOLMO_EDGE_BACKEND=tensorrt" in text   # the documented switch
     assert "EnvironmentFile=-/etc/default/molmo-edge" in text
+
+
+@pytest.mark.parametrize("name,index", [("Dockerfile.r36", "jp6/cu126"), ("Dockerfile.r38", "jp7/cu130")])
+def test_dockerfiles_keep_jetpacks_packages(name, index):
+    """The containers install like setup.sh: constrained pip, onnxruntime-gpu from jetson-ai-lab with no silent
+    CPU fallback (ORT=cpu chooses it), molmo-edge with [jetson], no pip OpenCV."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "jetson", name)).read()
+    run = text[text.index("ARG ORT=gpu"):]
+    assert f"onnxruntime-gpu --extra-index-url https://pypi.jetson-ai-lab.io/{index}" in run
+    assert "|| /opt/molmo-edge/venv/bin/pip install onnxruntime" not in text and 'if [ "$ORT" = cpu ]' in run
+    assert '$PIP "/opt/molmo-edge[jetson]"' in run and "opencv-python" not in text
+    assert 'PIP="/opt/molmo-edge/venv/bin/pip install -c /opt/molmo-edge/constraints.txt"' in run
+    assert ("printf 'numpy<2\\n' > /opt/molmo-edge/constraints.txt" in run) == (name == "Dockerfile.r36")
