@@ -441,3 +441,19 @@ def test_dockerfiles_keep_jetpacks_packages(name, index):
     assert '$PIP "/opt/molmo-edge[jetson]"' in run and not re.search(r"(?<!lib)opencv-python", text)
     assert 'PIP="/opt/molmo-edge/venv/bin/pip install -c /opt/molmo-edge/constraints.txt"' in run
     assert ("printf 'numpy<2\\n' > /opt/molmo-edge/constraints.txt" in run) == (name == "Dockerfile.r36")
+
+
+def test_cli_names_the_extra_when_onnxruntime_or_opencv_is_missing(bundles, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from molmo_edge.runtime.cli.main import main
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["ask", bundles["molmo-7b-d"], "hello", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]          # after the "loading bundle" progress line
+    assert err.startswith("error: onnxruntime is not installed") and "[cpu]" in err
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    (tmp_path / "frames").mkdir()
+    rc = main(["watch", bundles["molmo-7b-d"], "--source", str(tmp_path / "frames"), "--prompt", "hi", "--max-frames", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: OpenCV is not installed") and "jetson/setup.sh" in err[-1]
