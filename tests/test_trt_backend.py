@@ -196,11 +196,15 @@ class FakeLayer:
         self.name, self.op = node.name, node.op_type
         self.type = SimpleNamespace(name=_LAYER_TYPES.get(node.op_type, "ELEMENTWISE"))
         self.outputs = [FakeTensor(o, dtypes.get(o, "FLOAT")) for o in node.output]
-        self.num_outputs = len(self.outputs)
+        self.inputs = [FakeTensor(i, dtypes.get(i, "FLOAT")) if i else None for i in node.input]
+        self.num_outputs, self.num_inputs = len(self.outputs), len(self.inputs)
         self._precision, self.output_types = None, {}
 
     def get_output(self, i):
         return self.outputs[i]
+
+    def get_input(self, i):
+        return self.inputs[i]
 
     @property
     def precision(self):
@@ -208,6 +212,7 @@ class FakeLayer:
 
     @precision.setter
     def precision(self, dt):
+        assert all(x is None or x.dtype in ("FLOAT", "HALF") for x in self.inputs), f"{self.name}: non-float input"
         self._precision = dt
 
     def set_output_type(self, i, dt):
@@ -225,6 +230,7 @@ class FakeNetwork:
         g = model.graph
         dtypes = {v.name: _ONNX_TRT_DT.get(v.type.tensor_type.elem_type, "FLOAT")
                   for v in list(g.value_info) + list(g.output) + list(g.input)}
+        dtypes.update({i.name: _ONNX_TRT_DT.get(i.data_type, "FLOAT") for i in g.initializer})
         self.layers = [FakeLayer(n, dtypes) for n in g.node]
 
     @property
@@ -235,7 +241,8 @@ class FakeNetwork:
         return self.layers[i]
 
     def fp32(self):
-        return [x for x in self.layers if x.precision == "FLOAT"]
+        """Layers kept in fp32: precision set, or (integer/bool inputs) every float output typed fp32."""
+        return [x for x in self.layers if x.precision == "FLOAT" or x.output_types]
 
 
 class FakeTimingCache:
@@ -656,6 +663,7 @@ def test_fp16_builds_keep_norms_softmax_router_and_rope_in_fp32(moe):
                     assert id(x) in fp32 and id(sq) in fp32
             if id(x) in fp32:                           # every float output typed fp32, never an int one
                 assert x.output_types and set(x.output_types.values()) == {"FLOAT"}
+                assert (x.precision == "FLOAT") == all(i is None or i.dtype == "FLOAT" for i in x.inputs)
                 assert all(x.outputs[j].dtype == "FLOAT" for j in x.output_types)
         # the big projections and experts stay free to run in fp16
         free = [x for x in net.layers if x.op == "MatMul" and id(x) not in fp32]
@@ -666,6 +674,9 @@ def test_fp16_builds_keep_norms_softmax_router_and_rope_in_fp32(moe):
     assert experts and not [x for x in experts if x in dec_fp32]
     assert gates and all(x in dec_fp32 for x in gates)                                 # the router's logits
     assert all(x in dec_fp32 for x in dec_net.layers if x.op == "TopK")
+    # the positions' Cast and the router's Where take int/bool inputs: fp32 outputs, no layer precision
+    mixed = {x.op for x in dec_fp32 if x.precision is None}
+    assert {"Cast", "Where"} <= mixed
     rec = json.load(open(os.path.join(out, "engine.json")))
     assert set(rec["fp32_layers"]["decoder"]) == {"rmsnorm", "softmax", "router", "rope"}
     assert set(rec["fp32_layers"]["vision"]) >= {"layernorm", "softmax"}

@@ -113,10 +113,13 @@ def constrain_network(trt: Any, network: Any, islands: dict[str, str]) -> dict[s
         why = why or FP32_LAYER_TYPES.get(_type_name(layer))
         if why is None:
             continue
-        float_outs = [j for j, t in enumerate(outs) if t is not None and t.dtype in (trt.float32, trt.float16)]
+        floats = (trt.float32, trt.float16)
+        float_outs = [j for j, t in enumerate(outs) if t is not None and t.dtype in floats]
         if not float_outs:
             continue
-        layer.precision = trt.float32
+        ins = [layer.get_input(k) for k in range(layer.num_inputs)]
+        if all(t is None or t.dtype in floats for t in ins):
+            layer.precision = trt.float32    # not on Cast(int64 positions) / Where(bool) / Gather(int): outputs only
         for j in float_outs:
             layer.set_output_type(j, trt.float32)
         counts[why] += 1
