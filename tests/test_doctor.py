@@ -158,9 +158,16 @@ def test_bundle_on_a_jetson(bundles, tmp_path):
     fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
     fp16 = next(x for x in fs["engines"] if x.message.startswith("fp16"))
     assert fp16.status == "warn" and "built for TensorRT 10.13.3.9 on NVIDIA Thor" in fp16.message
-    store(env)
+    path = store(env)
     fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
-    assert next(x for x in fs["engines"] if x.message.startswith("fp16")).status == "ok"
+    old = next(x for x in fs["engines"] if x.message.startswith("fp16"))     # no parity record: built before checks
+    assert old.status == "warn" and "--force" in old.fix
+    rec = json.load(open(os.path.join(path, "engine.json")))
+    rec["parity"] = {r: {"ok": True, "worst": {"max_rel": 0.004}} for r in ("vision", "decoder")}
+    json.dump(rec, open(os.path.join(path, "engine.json"), "w"))
+    fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
+    ok = next(x for x in fs["engines"] if x.message.startswith("fp16"))
+    assert ok.status == "ok" and "matched onnxruntime (worst max relative error 0.004)" in ok.message
 
 
 def test_check_trt_failure_matters_only_where_tensorrt_runs(bundles, tmp_path):

@@ -429,7 +429,18 @@ def diagnose_bundle(f: Facts, folder: str, check_trt: Callable[[str, str], Any] 
         for prec in ("fp16", "int8"):
             try:
                 rec = find_engine(folder, bundle.manifest, env, prec)
-                out.append(Finding("engines", "ok", f"{prec}: {os.path.basename(rec.path)} is current for this machine"))
+                parity = rec.facts.get("parity")
+                name = os.path.basename(rec.path)
+                if not parity:
+                    out.append(Finding("engines", "warn", f"{prec}: {name} is current but was built before engines were "
+                                       "checked against onnxruntime", f"molmo-edge build {folder} --precision {prec} --force"))
+                elif parity.get("skipped"):
+                    out.append(Finding("engines", "warn", f"{prec}: {name} is current but registered with --no-verify "
+                                       "(not checked against onnxruntime)", f"molmo-edge build {folder} --precision {prec} --force"))
+                else:
+                    worst = max((parity.get(r, {}).get("worst") or {}).get("max_rel", 0) for r in ("vision", "decoder"))
+                    out.append(Finding("engines", "ok", f"{prec}: {name} is current for this machine and matched "
+                                       f"onnxruntime (worst max relative error {worst:.3g})"))
             except EngineError as e:
                 if list_engines(folder):
                     out.append(Finding("engines", "warn", f"{prec}: {str(e).split(': build one here')[0]}",
