@@ -12,8 +12,8 @@ Tolerance per output (`TOLERANCES`): max |engine - onnxruntime| / max |onnxrunti
 two, flattened; any NaN/Inf fails. fp16: relative 2e-2, cosine 0.999; int8 (the calibrated vision graph):
 relative 0.1, cosine 0.99 (the engine and onnxruntime round INT8 differently).
 
-Memory: the onnxruntime reference runs first and is freed before the engines are loaded, so the peak is
-one of them, not both.
+Memory: the onnxruntime reference (CPU provider, fp32) runs first and is freed before the engines are
+loaded, so the peak is one of them, not both.
 """
 from __future__ import annotations
 
@@ -102,12 +102,14 @@ def _embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # onnxruntime reference (host arrays, the graph's own I/O)
 # ---------------------------------------------------------------------------------------------
 def _session(path: str, providers: list[str] | None) -> Any:
-    from molmo_edge.runtime.backends.ort import default_providers
+    """The reference runs on onnxruntime's CPU provider by default: plain fp32 (no TF32 MatMuls as the CUDA
+    provider may use), the path the project checks against AI2's golden outputs, and one copy of the weights
+    (no second one in GPU memory during session start)."""
     from molmo_edge.runtime.deps import require
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=opts, providers=providers or default_providers())
+    return ort.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def reference_vision(bundle: Bundle, graph: str, images: np.ndarray, masks: np.ndarray,
