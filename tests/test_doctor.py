@@ -372,8 +372,8 @@ def test_csi_source_needs_gstreamer_opencv():
     assert no_csi["opencv"][0].status == "warn" and "opencv-python-headless" in no_csi["opencv"][0].fix
     pc = _by_area(diagnose(Facts(sources=["csi://0"], onnxruntime="1.32", **CV2_PIP)))["opencv"][0]
     assert pc.status == "fail" and "/dev/videoN" in pc.fix
-    assert ji and __import__("molmo_edge.runtime.device.doctor", fromlist=["x"]).opencv_has_gstreamer(BUILD_INFO) is True
-    from molmo_edge.runtime.device.doctor import opencv_has_gstreamer
+    from molmo_edge.runtime.device.install_probes import opencv_has_gstreamer
+    assert opencv_has_gstreamer(BUILD_INFO) is True
     assert opencv_has_gstreamer(BUILD_INFO.replace("YES (1.20.3)", "NO")) is False and opencv_has_gstreamer("") is None
 
 
@@ -397,17 +397,17 @@ def test_numpy_abi_error_is_recognised_on_import(tmp_path, monkeypatch):
     """A module that prints numpy's ABI warning and fails like cv2 does under numpy 2 (a stand-in module)."""
     import sys
 
-    from molmo_edge.runtime.device.doctor import _NUMPY_ABI, _import_error
+    from molmo_edge.runtime.device.install_probes import NUMPY_ABI, import_error
     (tmp_path / "fake_cv2_abi.py").write_text(
         "import sys\nsys.stderr.write('A module that was compiled using NumPy 1.x cannot be run in NumPy 2.1.3\\n')\n"
         "raise ImportError('numpy.core.multiarray failed to import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    mod, err = _import_error("fake_cv2_abi")
-    assert mod is None and _NUMPY_ABI.search(err) and "fake_cv2_abi" not in sys.modules
+    mod, err = import_error("fake_cv2_abi")
+    assert mod is None and NUMPY_ABI.search(err) and "fake_cv2_abi" not in sys.modules
 
 
 def test_configured_sources_from_doctor_env_and_service_files(tmp_path):
-    from molmo_edge.runtime.device.doctor import configured_sources, sources_in
+    from molmo_edge.runtime.device.install_probes import configured_sources, sources_in
     f = tmp_path / "molmo-edge"
     f.write_text("# comment\nMOLMO_EDGE_BUNDLE=/opt/b\nMOLMO_EDGE_ARGS=--source csi://0 --max-crops 6\nMOLMO_EDGE_API_KEY=s3cret\n")
     w = tmp_path / "molmo-edge-watch"
