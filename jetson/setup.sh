@@ -75,6 +75,7 @@ if [ "$APT" = 1 ]; then
     # JetPack's OpenCV (nvidia-opencv) is built with GStreamer; its Python module is libopencv-python
     run $SUDO apt-get install -y --no-install-recommends libopencv-python \
       || say "warning: JetPack's OpenCV Python module is not installable: csi:// cameras need it (sudo apt install nvidia-opencv)"
+    [ "$DRY" = 1 ] || SYS_CV2="$("$PYTHON" -c 'import cv2; print(cv2.__version__)' 2>/dev/null || true)"
   fi
 fi
 
