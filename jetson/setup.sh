@@ -42,7 +42,7 @@ run() { if [ "$DRY" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 die() { echo "error: $*" >&2; exit 1; }
 
 # --- 1. which JetPack -----------------------------------------------------------------------------
-[ -r "$RELEASE_FILE" ] || die "$RELEASE_FILE not found: this is not a Jetson (L4T). On a PC use: pip install -e '$REPO'"
+[ -r "$RELEASE_FILE" ] || die "$RELEASE_FILE not found: this is not a Jetson (L4T). On a PC use: pip install -e '$REPO[cpu]' (or [gpu])"
 line="$(head -n 1 "$RELEASE_FILE")"
 major="$(sed -n 's/.*R\([0-9]\+\) (release).*/\1/p' <<<"$line")"
 rev="$(sed -n 's/.*REVISION: \([0-9.]\+\).*/\1/p' <<<"$line")"
@@ -109,15 +109,17 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import tensorrt" 2>/dev/null; then
 fi
 run "${PIP[@]}" "$CUDA_PY"
 # onnxruntime and onnxruntime-gpu are two distributions of one `onnxruntime/` package: installing one over the
-# other silently replaces the CUDA provider. Remove the flavour we do not want first (a no-op when absent; pip
-# never touches the system site-packages from a venv). Earlier versions of this script pip-installed
-# opencv-python-headless, which shadows JetPack's GStreamer OpenCV: remove that too.
+# other silently replaces the CUDA provider, and uninstalling one deletes files the other needs. So when the
+# unwanted flavour is in the venv, both go and the wanted one is installed clean (pip never touches the
+# system site-packages from a venv). Earlier versions of this script pip-installed opencv-python-headless,
+# which shadows JetPack's GStreamer OpenCV: that goes too.
+has() { [ "$DRY" = 1 ] || "$PY" -m pip show -q "$1" >/dev/null 2>&1; }
 if [ "$CPU_ORT" = 1 ]; then
-  run "$PY" -m pip uninstall -y onnxruntime-gpu
+  if has onnxruntime-gpu; then run "$PY" -m pip uninstall -y onnxruntime-gpu onnxruntime; fi
   run "${PIP[@]}" onnxruntime
   ORT_PLAN="onnxruntime (CPU, PyPI)"
 else
-  run "$PY" -m pip uninstall -y onnxruntime
+  if has onnxruntime; then run "$PY" -m pip uninstall -y onnxruntime onnxruntime-gpu; fi
   # onnxruntime-gpu has no aarch64 wheels on PyPI; jetson-ai-lab serves them per JetPack and CUDA
   run "${PIP[@]}" onnxruntime-gpu --extra-index-url "$ORT_INDEX" \
     || die "onnxruntime-gpu is not available from $ORT_INDEX: check the network, or re-run with --cpu-onnxruntime"

@@ -269,7 +269,7 @@ def test_install_plan_keeps_jetpacks_packages(tmp_path, release, numpy, pinned):
     assert constrained and all("-c " in line for line in constrained)
     assert ("write " + str(tmp_path / "venv" / "molmo-edge-constraints.txt") + ": numpy<2" in out) == pinned
     lines = out.splitlines()
-    uninstall_cpu = next(i for i, x in enumerate(lines) if x.endswith("pip uninstall -y onnxruntime"))
+    uninstall_cpu = next(i for i, x in enumerate(lines) if x.endswith("pip uninstall -y onnxruntime onnxruntime-gpu"))
     install_gpu = next(i for i, x in enumerate(lines) if "install" in x and "onnxruntime-gpu" in x)
     assert uninstall_cpu < install_gpu
     assert any("pip uninstall -y opencv-python opencv-python-headless" in x for x in lines)
@@ -280,7 +280,7 @@ def test_install_plan_with_cpu_onnxruntime(tmp_path):
     r, out = _dry_run(tmp_path, JP62_RELEASE, "--cpu-onnxruntime", "--no-apt")
     flat = [w for ws in _pip_installs(out) for w in ws]
     assert r.returncode == 0 and "onnxruntime" in flat and "onnxruntime-gpu" not in flat
-    assert any(x.endswith("pip uninstall -y onnxruntime-gpu") for x in out.splitlines()) and "apt-get" not in out
+    assert any(x.endswith("pip uninstall -y onnxruntime-gpu onnxruntime") for x in out.splitlines()) and "apt-get" not in out
 
 
 def _requirements(extras, python):
