@@ -270,7 +270,7 @@ def test_install_plan_keeps_jetpacks_packages(tmp_path, release, numpy, pinned):
     assert ("write " + str(tmp_path / "venv" / "molmo-edge-constraints.txt") + ": numpy<2" in out) == pinned
     lines = out.splitlines()
     uninstall_cpu = next(i for i, x in enumerate(lines) if x.endswith("pip uninstall -y onnxruntime onnxruntime-gpu"))
-    install_gpu = next(i for i, x in enumerate(lines) if "install" in x and "onnxruntime-gpu" in x)
+    install_gpu = next(i for i, x in enumerate(lines) if " -m pip install " in x and "onnxruntime-gpu" in x)
     assert uninstall_cpu < install_gpu
     assert any("pip uninstall -y opencv-python opencv-python-headless" in x for x in lines)
     assert "pip plan: install onnxruntime-gpu" in out and "keep JetPack's TensorRT, OpenCV" in out
