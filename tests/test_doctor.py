@@ -464,3 +464,18 @@ def test_cli_names_the_extra_when_onnxruntime_or_opencv_is_missing(bundles, tmp_
     rc = main(["watch", bundles["molmo-7b-d"], "--source", str(tmp_path / "frames"), "--prompt", "hi", "--max-frames", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: OpenCV is not installed") and "jetson/setup.sh" in err[-1]
+
+
+def test_probe_sees_a_second_onnxruntime_distribution(tmp_path, monkeypatch):
+    """installed_distributions() over a second site folder (what a venv over system site-packages sees): a
+    dist-info of onnxruntime-gpu next to this venv's onnxruntime makes gather_facts report both."""
+    from molmo_edge.runtime.device.doctor import gather_facts
+    info = tmp_path / "onnxruntime_gpu-1.20.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = gather_facts()
+    assert "onnxruntime-gpu" in f.ort_distributions and f.ort_distributions["onnxruntime-gpu"].startswith("1.20.0 at ")
+    assert "onnxruntime" in f.ort_distributions               # this venv's CPU wheel
+    two = [x for x in diagnose(f) if x.area == "onnxruntime" and "distributions" in x.message]
+    assert two and two[0].status == "fail"
