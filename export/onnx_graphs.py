@@ -28,7 +28,9 @@ from molmo_edge.export.graph import GraphBuilder
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 Get = Callable[[str], np.ndarray]
-NEG = float(np.finfo(np.float32).min)
+# masked attention scores: fp16 holds -1e4 (float32's min becomes -inf in an fp16 engine, and -inf - -inf is
+# NaN), and exp(-1e4 + s - max) is exactly 0 in fp32 and fp16 alike, so fp32 results are unchanged
+NEG = -1.0e4
 
 
 def _mha(g: GraphBuilder, q_in: str, kv_in: str, get: Get, prefix: str, heads: int, kv_heads: int, head_dim: int) -> str:

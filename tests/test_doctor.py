@@ -158,9 +158,16 @@ def test_bundle_on_a_jetson(bundles, tmp_path):
     fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
     fp16 = next(x for x in fs["engines"] if x.message.startswith("fp16"))
     assert fp16.status == "warn" and "built for TensorRT 10.13.3.9 on NVIDIA Thor" in fp16.message
-    store(env)
+    path = store(env)
     fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
-    assert next(x for x in fs["engines"] if x.message.startswith("fp16")).status == "ok"
+    old = next(x for x in fs["engines"] if x.message.startswith("fp16"))     # no parity record: built before checks
+    assert old.status == "warn" and "--force" in old.fix
+    rec = json.load(open(os.path.join(path, "engine.json")))
+    rec["parity"] = {r: {"ok": True, "worst": {"max_rel": 0.004}} for r in ("vision", "decoder")}
+    json.dump(rec, open(os.path.join(path, "engine.json"), "w"))
+    fs = _by_area(diagnose_bundle(facts, folder, check_bundle))
+    ok = next(x for x in fs["engines"] if x.message.startswith("fp16"))
+    assert ok.status == "ok" and "matched onnxruntime (worst max relative error 0.004)" in ok.message
 
 
 def test_check_trt_failure_matters_only_where_tensorrt_runs(bundles, tmp_path):
@@ -196,24 +203,279 @@ def test_real_probe_and_cli(bundles, capsys):
 
 
 # --- jetson/setup.sh (dry run: detection and the install plan, no Jetson needed) ----------------------
+SETUP = os.path.join(os.path.dirname(__file__), "..", "jetson", "setup.sh")
+JP7_RELEASE = "# R38 (release), REVISION: 2.0, GCID: 1\n"
+
+
+def _dry_run(tmp_path, release, *args, **env):
+    import subprocess
+    rel = tmp_path / "nv_tegra_release"
+    rel.write_text(release)
+    r = subprocess.run(["bash", SETUP, "--dry-run", "--venv", str(tmp_path / "venv"), *args], capture_output=True,
+                       text=True, env={**os.environ, "NV_TEGRA_RELEASE": str(rel), "MOLMO_EDGE_SYSTEM_CV2": "", **env})
+    return r, r.stdout + r.stderr
+
+
+def _pip_installs(out):
+    """What each planned `pip install` would install (arguments after the options)."""
+    got = []
+    for line in out.splitlines():
+        if line.startswith("+ ") and " -m pip install " in line:
+            words = line.split(" -m pip install ", 1)[1].split()
+            skip = {"-c", "--extra-index-url"}
+            keep, i = [], 0
+            while i < len(words):
+                if words[i] in skip:
+                    i += 2
+                    continue
+                if not words[i].startswith("-") or words[i] == "-e":
+                    keep.append(words[i])
+                i += 1
+            got.append(keep)
+    return got
+
+
 @pytest.mark.parametrize("release,expect,refuse", [
     (JP62_RELEASE, ["TensorRT 10.3", "python3.10 -m venv --system-site-packages", "cuda-python>=12.6,<13",
                     "jp6/cu126", "python3-libnvinfer"], None),
-    ("# R38 (release), REVISION: 2.0, GCID: 1\n", ["TensorRT 10.13", "python3.12", "cuda-python>=13,<14", "jp7/cu130"], None),
+    (JP7_RELEASE, ["TensorRT 10.13", "python3.12", "cuda-python>=13,<14", "jp7/cu130"], None),
     ("# R36 (release), REVISION: 3.0\n", [], "JetPack 6.0 (TensorRT 8.6)"),
     ("# R35 (release), REVISION: 4.1\n", [], "not supported"),
 ])
 def test_setup_script_dry_run(tmp_path, release, expect, refuse):
-    import subprocess
-    rel = tmp_path / "nv_tegra_release"
-    rel.write_text(release)
-    script = os.path.join(os.path.dirname(__file__), "..", "jetson", "setup.sh")
-    r = subprocess.run(["bash", script, "--dry-run", "--venv", str(tmp_path / "venv")], capture_output=True, text=True,
-                       env={**os.environ, "NV_TEGRA_RELEASE": str(rel)})
-    out = r.stdout + r.stderr
+    r, out = _dry_run(tmp_path, release)
     if refuse:
         assert r.returncode == 1 and refuse in out
     else:
         assert r.returncode == 0, out
         assert all(e in out for e in expect), out
-        assert "molmo-edge doctor" in out and "pip install -e" in out
+        assert "molmo-edge doctor" in out and "pip install" in out
+
+
+@pytest.mark.parametrize("release,numpy,pinned", [(JP62_RELEASE, "", True), (JP62_RELEASE, "1.21.5", True),
+                                                  (JP7_RELEASE, "1.26.4", True), (JP7_RELEASE, "2.1.0", False)])
+def test_install_plan_keeps_jetpacks_packages(tmp_path, release, numpy, pinned):
+    """The pip plan for JetPack 6 and 7: onnxruntime-gpu only from jetson-ai-lab (the CPU distribution removed
+    first, never installed), no pip OpenCV (removed from the venv), molmo-edge with [jetson], numpy held at 1.x
+    where the system's modules need it, every pip call constrained."""
+    r, out = _dry_run(tmp_path, release, MOLMO_EDGE_SYSTEM_NUMPY=numpy)
+    assert r.returncode == 0, out
+    installs = _pip_installs(out)
+    flat = [w for ws in installs for w in ws]
+    assert "onnxruntime-gpu" in flat and "onnxruntime" not in flat
+    assert not any(w.startswith("opencv") for w in flat)
+    assert any(w.endswith("[jetson]") for w in flat) and flat[flat.index("-e") + 1].endswith("[jetson]")
+    constrained = [line for line in out.splitlines() if " -m pip install " in line and "--upgrade pip" not in line]
+    assert constrained and all("-c " in line for line in constrained)
+    assert ("write " + str(tmp_path / "venv" / "molmo-edge-constraints.txt") + ": numpy<2" in out) == pinned
+    lines = out.splitlines()
+    uninstall_cpu = next(i for i, x in enumerate(lines) if x.endswith("pip uninstall -y onnxruntime onnxruntime-gpu"))
+    install_gpu = next(i for i, x in enumerate(lines) if " -m pip install " in x and "onnxruntime-gpu" in x)
+    assert uninstall_cpu < install_gpu
+    assert any("pip uninstall -y opencv-python opencv-python-headless" in x for x in lines)
+    assert "pip plan: install onnxruntime-gpu" in out and "keep JetPack's TensorRT, OpenCV" in out
+
+
+def test_install_plan_with_cpu_onnxruntime(tmp_path):
+    r, out = _dry_run(tmp_path, JP62_RELEASE, "--cpu-onnxruntime", "--no-apt")
+    flat = [w for ws in _pip_installs(out) for w in ws]
+    assert r.returncode == 0 and "onnxruntime" in flat and "onnxruntime-gpu" not in flat
+    assert any(x.endswith("pip uninstall -y onnxruntime-gpu onnxruntime") for x in out.splitlines()) and "apt-get" not in out
+
+
+def _requirements(extras, python):
+    """The requirements pip would resolve for `molmo-edge[extras]` on a Python version (markers evaluated),
+    self-references expanded."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    proj = tomllib.load(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb"))["project"]
+    env = {"python_version": python, "python_full_version": python + ".0", "extra": ""}
+    todo, seen, out = [(r, None) for r in proj["dependencies"]], set(), {}
+    for e in extras:
+        todo += [(r, e) for r in proj["optional-dependencies"][e]]
+    while todo:
+        text, _ = todo.pop()
+        req = Requirement(text)
+        if req.marker and not req.marker.evaluate(env):
+            continue
+        if req.name == "molmo-edge":
+            for e in req.extras - seen:
+                seen.add(e)
+                todo += [(r, e) for r in proj["optional-dependencies"][e]]
+            continue
+        out.setdefault(req.name, []).append(str(req.specifier))
+    return out
+
+
+def test_extras_choose_the_flavour():
+    jp6, jp7 = _requirements(["jetson"], "3.10"), _requirements(["jetson"], "3.12")
+    for reqs in (jp6, jp7, _requirements([], "3.11")):
+        assert not {n for n in reqs if n.startswith(("onnxruntime", "opencv"))}, reqs
+    assert "<2" in ",".join(jp6["numpy"]) and "<2" not in ",".join(jp7["numpy"])
+    cpu, gpu, test = _requirements(["cpu"], "3.11"), _requirements(["gpu"], "3.11"), _requirements(["test"], "3.11")
+    assert {"onnxruntime", "opencv-python-headless"} <= set(cpu) and "onnxruntime-gpu" not in cpu
+    assert {"onnxruntime-gpu", "opencv-python-headless"} <= set(gpu) and "onnxruntime" not in gpu
+    assert {"onnxruntime", "opencv-python-headless", "pytest"} <= set(test)       # CI on x86: the CPU flavours
+
+
+def test_missing_onnxruntime_or_opencv_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import sys
+
+    from molmo_edge.runtime.deps import MissingDependency, as_missing, require
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)          # import raises ImportError
+    with pytest.raises(MissingDependency) as e:
+        require("onnxruntime")
+    msg = str(e.value)
+    assert "\n" not in msg and "[cpu]" in msg and "[gpu]" in msg and "jetson/setup.sh" in msg
+    err = ModuleNotFoundError("No module named 'cv2'", name="cv2")
+    assert "OpenCV is not installed" in str(as_missing(err)) and as_missing(ModuleNotFoundError("x", name="yaml")) is None
+    from molmo_edge.runtime.bundle import Bundle
+    from molmo_edge.runtime.backends.ort import OrtBackend
+    with pytest.raises(MissingDependency, match=r"\[cpu\]"):
+        OrtBackend(Bundle("x", {}, None))
+
+
+# --- installs that break the device's stack -----------------------------------------------------------
+CV2_PIP = dict(opencv="4.10.0", opencv_path="/home/u/.venvs/molmo-edge/lib/python3.10/site-packages/cv2/__init__.py",
+               opencv_gstreamer=False, opencv_distributions={"opencv-python-headless": "4.10.0.84 at /home/u/.venvs"})
+CV2_JETPACK = dict(opencv="4.8.0", opencv_path="/usr/lib/python3/dist-packages/cv2/__init__.py", opencv_gstreamer=True)
+BUILD_INFO = """
+  Video I/O:
+    DC1394:                      NO
+    FFMPEG:                      YES
+      avcodec:                   YES (58.134.100)
+    GStreamer:                   YES (1.20.3)
+    v4l/v4l2:                    YES (linux/videodev2.h)
+"""
+
+
+def test_two_onnxruntime_distributions_fail_with_the_fix():
+    fs = _by_area(diagnose(nano_jp62(ort_distributions={"onnxruntime": "1.20.1 at /venv", "onnxruntime-gpu": "1.20.0 at /venv"})))
+    two = next(x for x in fs["onnxruntime"] if "distributions" in x.message)
+    assert two.status == "fail" and "onnxruntime 1.20.1" in two.message and "onnxruntime-gpu 1.20.0" in two.message
+    assert two.fix.startswith("pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu") and \
+        "jp6/cu126" in two.fix
+    assert not any("distributions" in x.message for x in _by_area(diagnose(nano_jp62(
+        ort_distributions={"onnxruntime-gpu": "1.20.0 at /venv"}))).get("onnxruntime", []))
+
+
+def test_csi_source_needs_gstreamer_opencv():
+    fs = _by_area(diagnose(nano_jp62(sources=["csi://0"], **CV2_PIP)))
+    cv = fs["opencv"][0]
+    assert cv.status == "fail" and "csi://0" in cv.message and "no GStreamer" in cv.message
+    assert cv.fix.startswith("pip uninstall -y opencv-python-headless")
+    assert _by_area(diagnose(nano_jp62(sources=["csi://0"], **CV2_JETPACK)))["opencv"][0].status == "ok"
+    missing = _by_area(diagnose(nano_jp62(sources=["csi://1"], opencv_error="ModuleNotFoundError: No module named 'cv2'")))
+    assert missing["opencv"][0].status == "fail" and "libopencv-python" in missing["opencv"][0].fix
+    no_csi = _by_area(diagnose(nano_jp62(sources=["/dev/video0"], **CV2_PIP)))   # USB camera: V4L2 works without it
+    assert no_csi["opencv"][0].status == "warn" and "opencv-python-headless" in no_csi["opencv"][0].fix
+    pc = _by_area(diagnose(Facts(sources=["csi://0"], onnxruntime="1.32", **CV2_PIP)))["opencv"][0]
+    assert pc.status == "fail" and "/dev/videoN" in pc.fix
+    from molmo_edge.runtime.device.install_probes import opencv_has_gstreamer
+    assert opencv_has_gstreamer(BUILD_INFO) is True
+    assert opencv_has_gstreamer(BUILD_INFO.replace("YES (1.20.3)", "NO")) is False and opencv_has_gstreamer("") is None
+
+
+def test_numpy_abi_mismatch_fails_with_the_fix():
+    err = ("ImportError: numpy.core.multiarray failed to import (A module that was compiled using NumPy 1.x cannot be "
+           "run in NumPy 2.1.3 as it may crash.)")
+    fs = _by_area(diagnose(nano_jp62(numpy="2.1.3", opencv_error=err, numpy_abi_errors={"cv2": err},
+                                     numpy_distributions=["2.1.3 at /venv", "1.21.5 at /usr/lib/python3/dist-packages"])))
+    n = fs["numpy"][0]
+    assert n.status == "fail" and "cv2" in n.message and "1.21.5 at /usr/lib" in n.message and "'numpy<2'" in n.fix
+    assert "opencv" not in fs                                      # one finding for one cause
+    newer = "ValueError: numpy.dtype size changed, may indicate binary incompatibility. Expected 96 from C header, got 88"
+    up = _by_area(diagnose(nano_jp62(numpy="1.21.5", numpy_abi_errors={"onnxruntime": newer}, ort_error=newer,
+                                     onnxruntime=None)))["numpy"][0]
+    assert up.status == "fail" and "--upgrade numpy" in up.fix
+    shadow = _by_area(diagnose(nano_jp62(numpy="2.1.3", numpy_distributions=["2.1.3 at /venv", "1.21.5 at /usr"])))
+    assert shadow["numpy"][0].status == "warn"
+
+
+def test_numpy_abi_error_is_recognised_on_import(tmp_path, monkeypatch):
+    """A module that prints numpy's ABI warning and fails like cv2 does under numpy 2 (a stand-in module)."""
+    import sys
+
+    from molmo_edge.runtime.device.install_probes import NUMPY_ABI, import_error
+    (tmp_path / "fake_cv2_abi.py").write_text(
+        "import sys\nsys.stderr.write('A module that was compiled using NumPy 1.x cannot be run in NumPy 2.1.3\\n')\n"
+        "raise ImportError('numpy.core.multiarray failed to import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod, err = import_error("fake_cv2_abi")
+    assert mod is None and NUMPY_ABI.search(err) and "fake_cv2_abi" not in sys.modules
+
+
+def test_configured_sources_from_doctor_env_and_service_files(tmp_path):
+    from molmo_edge.runtime.device.install_probes import configured_sources, sources_in
+    f = tmp_path / "molmo-edge"
+    f.write_text("# comment\nMOLMO_EDGE_BUNDLE=/opt/b\nMOLMO_EDGE_ARGS=--source csi://0 --max-crops 6\nMOLMO_EDGE_API_KEY=s3cret\n")
+    w = tmp_path / "molmo-edge-watch"
+    w.write_text('MOLMO_EDGE_SOURCE=csi://1\nMOLMO_EDGE_WATCH_ARGS="--every 2 --source=rtsp://cam/1"\n')
+    got = configured_sources(["/dev/video2"], env={"MOLMO_EDGE_SOURCE": "/dev/video0"}, files=(str(f), str(w), "/nope"))
+    assert got == ["/dev/video2", "/dev/video0", "csi://0", "csi://1", "rtsp://cam/1"]
+    assert sources_in("MOLMO_EDGE_API_KEY=--source x") == []
+    assert configured_sources(["rtsp://admin:pw@10.0.0.2/s1"], env={}, files=()) == ["rtsp://***@10.0.0.2/s1"]
+
+
+def test_doctor_cli_takes_a_source(capsys):
+    from molmo_edge.runtime.cli.main import main
+    main(["doctor", "--source", "csi://0", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert "csi://0" in d["facts"]["sources"]
+    assert any(x["area"] == "opencv" for x in d["findings"])
+
+
+# --- service units: onnxruntime until a device has spoken --------------------------------------------------
+@pytest.mark.parametrize("unit", ["molmo-edge-serve.service", "molmo-edge-watch.service"])
+def test_service_units_default_to_onnxruntime(unit):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "jetson", unit)).read()
+    defaults = [line.split("=", 2)[2] for line in text.splitlines() if line.startswith("Environment=MOLMO_EDGE_BACKEND=")]
+    assert defaults == ["onnxruntime"]
+    assert '--backend "$MOLMO_EDGE_BACKEND"' in text and "MOLMO_EDGE_BACKEND=tensorrt" in text   # the documented switch
+    assert "EnvironmentFile=-/etc/default/molmo-edge" in text
+
+
+@pytest.mark.parametrize("name,index", [("Dockerfile.r36", "jp6/cu126"), ("Dockerfile.r38", "jp7/cu130")])
+def test_dockerfiles_keep_jetpacks_packages(name, index):
+    """The containers install like setup.sh: constrained pip, onnxruntime-gpu from jetson-ai-lab with no silent
+    CPU fallback (ORT=cpu chooses it), molmo-edge with [jetson], no pip OpenCV."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "jetson", name)).read()
+    run = text[text.index("ARG ORT=gpu"):]
+    assert f"onnxruntime-gpu --extra-index-url https://pypi.jetson-ai-lab.io/{index}" in run
+    assert "|| /opt/molmo-edge/venv/bin/pip install onnxruntime" not in text and 'if [ "$ORT" = cpu ]' in run
+    import re
+    assert '$PIP "/opt/molmo-edge[jetson]"' in run and not re.search(r"(?<!lib)opencv-python", text)
+    assert 'PIP="/opt/molmo-edge/venv/bin/pip install -c /opt/molmo-edge/constraints.txt"' in run
+    assert ("printf 'numpy<2\\n' > /opt/molmo-edge/constraints.txt" in run) == (name == "Dockerfile.r36")
+
+
+def test_cli_names_the_extra_when_onnxruntime_or_opencv_is_missing(bundles, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from molmo_edge.runtime.cli.main import main
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["ask", bundles["molmo-7b-d"], "hello", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]          # after the "loading bundle" progress line
+    assert err.startswith("error: onnxruntime is not installed") and "[cpu]" in err
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    (tmp_path / "frames").mkdir()
+    rc = main(["watch", bundles["molmo-7b-d"], "--source", str(tmp_path / "frames"), "--prompt", "hi", "--max-frames", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: OpenCV is not installed") and "jetson/setup.sh" in err[-1]
+
+
+def test_probe_sees_a_second_onnxruntime_distribution(tmp_path, monkeypatch):
+    """installed_distributions() over a second site folder (what a venv over system site-packages sees): a
+    dist-info of onnxruntime-gpu next to this venv's onnxruntime makes gather_facts report both."""
+    from molmo_edge.runtime.device.doctor import gather_facts
+    info = tmp_path / "onnxruntime_gpu-1.20.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = gather_facts()
+    assert "onnxruntime-gpu" in f.ort_distributions and f.ort_distributions["onnxruntime-gpu"].startswith("1.20.0 at ")
+    assert "onnxruntime" in f.ort_distributions               # this venv's CPU wheel
+    two = [x for x in diagnose(f) if x.area == "onnxruntime" and "distributions" in x.message]
+    assert two and two[0].status == "fail"

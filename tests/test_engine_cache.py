@@ -113,16 +113,17 @@ def test_kv_addresses():
 def test_build_plan_decisions():
     man = {"graphs": {"vision": {}, "decoder": {}}}
     fp16 = build_plan(man, "fp16", trt_version="10.3.0.30")
-    assert [(b.role, b.graph, b.strongly_typed, b.flags) for b in fp16] == [("vision", "vision", False, ("FP16",)),
-                                                                           ("decoder", "decoder", False, ("FP16",))]
+    obey = ("FP16", "OBEY_PRECISION_CONSTRAINTS")            # fp16 with the fp32 islands obeyed
+    assert [(b.role, b.graph, b.strongly_typed, b.flags) for b in fp16] == [("vision", "vision", False, obey),
+                                                                           ("decoder", "decoder", False, obey)]
     assert not fp16[0].note and "deprecated since TensorRT 10.12" in build_plan(man, "fp16", trt_version="10.13.3")[0].note
     with pytest.raises(BuildConfigError, match="molmo-edge calibrate"):
         build_plan(man, "int8", "qdq", "10.3")
     qdq = build_plan({"graphs": {"vision": {}, "vision.int8": {}, "decoder": {}}}, "int8", "qdq", "10.3")
     assert (qdq[0].graph, qdq[0].strongly_typed, qdq[0].flags) == ("vision.int8", True, ())
-    assert (qdq[1].graph, qdq[1].flags) == ("decoder", ("FP16",))
+    assert (qdq[1].graph, qdq[1].flags) == ("decoder", obey)
     cache = build_plan(man, "int8", "cache", "10.3")
-    assert (cache[0].graph, cache[0].flags, cache[0].calibration_cache) == ("vision", ("INT8", "FP16"),
+    assert (cache[0].graph, cache[0].flags, cache[0].calibration_cache) == ("vision", ("INT8",) + obey,
                                                                             os.path.join("calibration", "vision.cache"))
     both = {"graphs": man["graphs"], "calibration": {"caches": [
         {"file": "calibration/vision.cache", "trt_version": "10.3.0"},

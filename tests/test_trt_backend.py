@@ -11,6 +11,7 @@ build orchestration and engine keys), NOT TensorRT itself: answers must equal th
 on the same portable graph.
 """
 import ctypes
+import re
 import hashlib
 import json
 import os
@@ -105,7 +106,10 @@ class FakeTrt:
         trt = self
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, sev=None: None})
         self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
-        self.BuilderFlag = SimpleNamespace(FP16="FP16", INT8="INT8")
+        self.BuilderFlag = SimpleNamespace(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+        self.float32, self.float16, self.int32, self.int64, self.bool = "FLOAT", "HALF", "INT32", "INT64", "BOOL"
+        self.networks: list["FakeNetwork"] = []
+        self.context_class = FakeContext
         self.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
         self.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
         for n in ("IInt8EntropyCalibrator2", "IInt8EntropyCalibrator", "IInt8MinMaxCalibrator"):
@@ -116,7 +120,9 @@ class FakeTrt:
                 pass
 
             def create_network(self, flags):
-                return SimpleNamespace(flags=flags, path=None)
+                net = FakeNetwork(flags)
+                trt.networks.append(net)
+                return net
 
             def create_builder_config(self):
                 return FakeConfig()
@@ -134,7 +140,7 @@ class FakeTrt:
                 self.network = network
 
             def parse_from_file(self, path):
-                self.network.path = path
+                self.network.parse(path)
                 return True
 
         class Runtime:
@@ -169,6 +175,74 @@ class FakeTrt:
         self.builds.append(rec)
         config.timing = FakeTimingCache(b"FAKE-TC:%d" % len(self.builds))
         return json.dumps(rec).encode()
+
+
+# TensorRT layer types of the ONNX ops (what the parser makes of them, near enough for precision rules)
+_LAYER_TYPES = {"Softmax": "SOFTMAX", "LayerNormalization": "NORMALIZATION", "MatMul": "MATRIX_MULTIPLY", "TopK": "TOPK",
+                "ReduceMean": "REDUCE", "ReduceSum": "REDUCE", "ReduceMax": "REDUCE", "ReduceMin": "REDUCE",
+                "Cos": "UNARY", "Sin": "UNARY", "Sqrt": "UNARY", "Reciprocal": "UNARY", "Neg": "UNARY", "Sigmoid": "ACTIVATION"}
+_ONNX_TRT_DT = {1: "FLOAT", 10: "HALF", 6: "INT32", 7: "INT64", 9: "BOOL"}
+
+
+class FakeTensor:
+    def __init__(self, name, dtype):
+        self.name, self.dtype = name, dtype
+
+
+class FakeLayer:
+    """One layer per ONNX node: type, name, outputs with their (inferred) types; records precision settings."""
+
+    def __init__(self, node, dtypes):
+        self.name, self.op = node.name, node.op_type
+        self.type = SimpleNamespace(name=_LAYER_TYPES.get(node.op_type, "ELEMENTWISE"))
+        self.outputs = [FakeTensor(o, dtypes.get(o, "FLOAT")) for o in node.output]
+        self.inputs = [FakeTensor(i, dtypes.get(i, "FLOAT")) if i else None for i in node.input]
+        self.num_outputs, self.num_inputs = len(self.outputs), len(self.inputs)
+        self._precision, self.output_types = None, {}
+
+    def get_output(self, i):
+        return self.outputs[i]
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+    @property
+    def precision(self):
+        return self._precision
+
+    @precision.setter
+    def precision(self, dt):
+        assert all(x is None or x.dtype in ("FLOAT", "HALF") for x in self.inputs), f"{self.name}: non-float input"
+        self._precision = dt
+
+    def set_output_type(self, i, dt):
+        assert self.outputs[i].dtype in ("FLOAT", "HALF"), f"{self.name}: output {i} is {self.outputs[i].dtype}"
+        self.output_types[i] = dt
+
+
+class FakeNetwork:
+    def __init__(self, flags):
+        self.flags, self.path, self.layers = flags, None, []
+
+    def parse(self, path):
+        self.path = path
+        model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+        g = model.graph
+        dtypes = {v.name: _ONNX_TRT_DT.get(v.type.tensor_type.elem_type, "FLOAT")
+                  for v in list(g.value_info) + list(g.output) + list(g.input)}
+        dtypes.update({i.name: _ONNX_TRT_DT.get(i.data_type, "FLOAT") for i in g.initializer})
+        self.layers = [FakeLayer(n, dtypes) for n in g.node]
+
+    @property
+    def num_layers(self):
+        return len(self.layers)
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+    def fp32(self):
+        """Layers kept in fp32: precision set, or (integer/bool inputs) every float output typed fp32."""
+        return [x for x in self.layers if x.precision == "FLOAT" or x.output_types]
 
 
 class FakeTimingCache:
@@ -247,7 +321,7 @@ class FakeEngine:
         return self.rec["profiles"][p][name]
 
     def create_execution_context(self):
-        ctx = FakeContext(self)
+        ctx = self.trt.context_class(self)
         self.trt.contexts.append(ctx)
         return ctx
 
@@ -346,14 +420,16 @@ def test_build_then_answer_like_onnxruntime(dense):
     assert any("vision: parsing vision.onnx" in line for line in log) and log[-1].endswith(f"done: {out}")
     assert all(line.startswith("[build 0:") for line in log)                      # phase with elapsed time
     vis, dec = trt.builds
-    assert (vis["flags"], vis["strongly_typed"], len(vis["profiles"])) == (["FP16"], False, 1)
-    assert (dec["flags"], len(dec["profiles"])) == (["FP16"], 3)
+    fp16 = ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert (vis["flags"], vis["strongly_typed"], len(vis["profiles"])) == (fp16, False, 1)
+    assert (dec["flags"], len(dec["profiles"])) == (fp16, 3)
     assert vis["workspace"] == 512 * 2**20                                        # 8 GiB device: 1/16
     assert vis["timing_in"] == "" and dec["timing_in"] == "FAKE-TC:1"           # the timing cache carries over
     tc = [f for f in os.listdir(os.path.join(dense, "engines")) if f.startswith("timing-")]
     assert tc == ["timing-orin-sm87-trt10.3.0.30-nol4t.cache"]
 
     bundle = load_bundle(dense)
+    cuda.copies.clear()                       # the build's parity check read its K/V back; serving never does
     backend = TrtBackend(bundle, _trt=FakeTrt(cuda), _cuda=cuda)
     m, ref = Molmo(bundle, backend), Molmo(bundle, OrtBackend(bundle, fused=False))
     img = _frame()
@@ -462,7 +538,8 @@ def test_int8_from_qdq_graph_and_from_calibration_cache(dense):
     out, trt, cuda, _ = _build(dense, precision="int8")
     vis, dec = trt.builds
     assert vis["graph"].endswith("vision.int8.onnx") and vis["strongly_typed"] and vis["flags"] == []
-    assert dec["flags"] == ["FP16"] and not dec["strongly_typed"]
+    assert trt.networks[0].fp32() == [] and trt.networks[1].fp32()      # strongly typed: no layer precision set
+    assert dec["flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"] and not dec["strongly_typed"]
     assert TrtBackend(load_bundle(dense), precision="int8", _trt=FakeTrt(cuda), _cuda=cuda).graphs["vision"] == "vision.int8"
 
     os.makedirs(os.path.join(dense, "calibration"))
@@ -471,7 +548,7 @@ def test_int8_from_qdq_graph_and_from_calibration_cache(dense):
         f.write("TRT-100300-EntropyCalibration2\nimages: 3c010a14\n")
     out2, trt2, _, _ = _build(dense, cuda, precision="int8", int8_mode="cache")
     vis2 = trt2.builds[0]
-    assert vis2["graph"].endswith(os.sep + "vision.onnx") and vis2["flags"] == ["FP16", "INT8"]
+    assert vis2["graph"].endswith(os.sep + "vision.onnx") and vis2["flags"] == ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"]
     assert vis2["calibration_sha"] == hashlib.sha256(open(cache, "rb").read()).hexdigest() and vis2["calibration_profile"]
     assert out2 != out
     with open(cache, "w") as f:
@@ -552,3 +629,165 @@ def test_bench_and_watch_run_on_the_tensorrt_backend(dense, tmp_path, monkeypatc
                  "--every", "0", "--max-frames", "2", "--max-new-tokens", "3", "--jsonl", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 2 and all(x["prompt"] == "How many boxes?" for x in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# build verifies what it built: fp32 islands, the parity check and its refusal, host memory
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def moe(source_bundles, tmp_path):
+    folder = str(tmp_path / "moe")
+    shutil.copytree(source_bundles["molmoe-1b"], folder)
+    return folder
+
+
+_ROUTER = re.compile(r"mlp\.gate_\d+$")     # the router's MatMul output (experts' are gate_proj_N)
+
+
+def _producers(layers):
+    return {o.name: x for x in layers for o in x.outputs}
+
+
+def test_fp16_builds_keep_norms_softmax_router_and_rope_in_fp32(moe):
+    out, trt, _, log = _build(moe, max_seq=128, max_crops=2)
+    vis_net, dec_net = trt.networks
+    for net in (vis_net, dec_net):
+        by = _producers(net.layers)
+        fp32 = set(map(id, net.fp32()))
+        for x in net.layers:
+            if x.op in ("Softmax", "LayerNormalization", "Cos", "Sin"):
+                assert id(x) in fp32, (x.op, x.name)
+            if x.op == "ReduceMean" and by.get(_node_inputs(net, x)[0]) is not None:
+                sq = by[_node_inputs(net, x)[0]]
+                if sq.op == "Mul" and len(set(_node_inputs(net, sq))) == 1:          # RMSNorm: mean of x*x
+                    assert id(x) in fp32 and id(sq) in fp32
+            if id(x) in fp32:                           # every float output typed fp32, never an int one
+                assert x.output_types and set(x.output_types.values()) == {"FLOAT"}
+                assert (x.precision == "FLOAT") == all(i is None or i.dtype == "FLOAT" for i in x.inputs)
+                assert all(x.outputs[j].dtype == "FLOAT" for j in x.output_types)
+        # the big projections and experts stay free to run in fp16
+        free = [x for x in net.layers if x.op == "MatMul" and id(x) not in fp32]
+        assert free and not [x for x in free if any(_ROUTER.search(o.name) for o in x.outputs)]
+    dec_fp32 = dec_net.fp32()
+    gates = [x for x in dec_net.layers if x.op == "MatMul" and any(_ROUTER.search(o.name) for o in x.outputs)]
+    experts = [x for x in dec_net.layers if x.op == "MatMul" and any("experts." in o.name for o in x.outputs)]
+    assert experts and not [x for x in experts if x in dec_fp32]
+    assert gates and all(x in dec_fp32 for x in gates)                                 # the router's logits
+    assert all(x in dec_fp32 for x in dec_net.layers if x.op == "TopK")
+    # the positions' Cast and the router's Where take int/bool inputs: fp32 outputs, no layer precision
+    mixed = {x.op for x in dec_fp32 if x.precision is None}
+    assert {"Cast", "Where"} <= mixed
+    rec = json.load(open(os.path.join(out, "engine.json")))
+    assert set(rec["fp32_layers"]["decoder"]) == {"rmsnorm", "softmax", "router", "rope"}
+    assert set(rec["fp32_layers"]["vision"]) >= {"layernorm", "softmax"}
+    assert any("layers kept in fp32 (" in line for line in log)
+
+
+def _node_inputs(net, layer):
+    model = getattr(net, "_model", None)
+    if model is None:
+        net._model = model = onnx.load(net.path, load_external_data=False)
+        net._inputs = {n.name: list(n.input) for n in model.graph.node}
+    return net._inputs[layer.name]
+
+
+def test_parity_report_is_recorded(dense):
+    out, trt, cuda, log = _build(dense)
+    rec = json.load(open(os.path.join(out, "engine.json")))
+    assert rec["parity"]["vision"]["ok"] and rec["parity"]["decoder"]["ok"]
+    assert rec["parity"]["decoder"]["tolerance"] == {"max_rel": 0.02, "min_cosine": 0.999}
+    report = json.load(open(os.path.join(dense, "engines", f"parity-{os.path.basename(out)}.json")))
+    outs = [r["output"] for r in report["decoder"]["outputs"]]
+    assert outs[:2] == ["new_key.0", "new_value.0"] and outs[-4:] == ["logits (prefill)"] + \
+        [f"logits (decode step {i})" for i in (1, 2, 3)]
+    assert report["inputs"]["prompt_tokens"] == 24 and len(report["inputs"]["reference_tokens"]) == 3
+    stages = rec["host_memory"]["stages"]
+    assert {"vision: parse", "vision: build", "decoder: parse", "decoder: build", "parity"} <= set(stages)
+    assert all(s["peak_rss_mib"] > 0 for s in stages.values())
+    assert any(line.startswith("[build") and "parity: decoder ok" in line for line in log)
+
+
+class _WrongContext(FakeContext):
+    """An engine that computes one output wrongly (what a bad fp16 island or a float32-min mask does)."""
+    wrong = "new_key.1"
+
+    def execute_async_v3(self, stream):
+        ok = super().execute_async_v3(stream)
+        names = [x[0] for x in self.engine.io if x[1] == "OUTPUT"]
+        if self.wrong in names:
+            shape = self._out_shape(self.wrong)
+            n = int(np.prod(shape))
+            buf = np.frombuffer((ctypes.c_float * n).from_address(self.addrs[self.wrong]), np.float32)
+            buf *= 1.5
+            buf += 0.1
+        return ok
+
+    def _out_shape(self, name):
+        if name == "image_features":
+            return (self.shapes["images"][0], 144, self.engine.session.get_outputs()[0].shape[-1])
+        t = self.shapes["inputs_embeds"][1]
+        past = self.shapes["past_key.0"]
+        return (1, t, past[2], past[3])
+
+
+@pytest.mark.parametrize("wrong,role", [("new_key.1", "decoder"), ("image_features", "vision")])
+def test_parity_refuses_an_engine_whose_outputs_differ(dense, wrong, role):
+    cuda = FakeCuda()
+    trt = FakeTrt(cuda)
+    trt.context_class = type("Wrong", (_WrongContext,), {"wrong": wrong})
+    with pytest.raises(EngineError, match=rf"the {role} engine was NOT registered: its {re.escape(wrong)} differs from "
+                                          r"onnxruntime's .*max relative error .*limit 0\.02"):
+        build_engines(dense, max_seq=512, max_crops=3, _trt=trt, _cuda=cuda, **QUIET)
+    engines = os.path.join(dense, "engines")
+    left = sorted(os.listdir(engines))
+    assert not [d for d in left if os.path.isdir(os.path.join(engines, d))]           # nothing registered
+    report = json.load(open(os.path.join(engines, next(f for f in left if f.startswith("parity-")))))
+    assert report[role]["ok"] is False and report[role]["first_failure"]["output"] == wrong
+    with pytest.raises(EngineError, match="no usable fp16 TensorRT engine"):
+        TrtBackend(load_bundle(dense), _trt=FakeTrt(cuda), _cuda=cuda)
+    # --no-verify registers it, and says so in engine.json
+    out = build_engines(dense, max_seq=512, max_crops=3, verify=False, _trt=trt, _cuda=cuda, **QUIET)
+    assert json.load(open(os.path.join(out, "engine.json")))["parity"] == {"skipped": True}
+
+
+def test_parity_compare_rules():
+    from molmo_edge.runtime.tensorrt.parity import TOLERANCES, compare
+    tol = TOLERANCES["fp16"]
+    w = np.linspace(-3, 3, 1000, dtype=np.float32)
+    assert compare("x", w + 1e-3, w, tol)["ok"]
+    bad = compare("x", w + 0.2, w, tol)
+    assert not bad["ok"] and "max relative error" in bad["why"]
+    nan = w.copy()
+    nan[3] = np.nan
+    assert "non-finite" in compare("x", nan, w, tol)["why"]
+    assert "shape" in compare("x", w[:10], w, tol)["why"]
+
+
+def test_host_memory_stages_measure_their_own_peak():
+    from molmo_edge.runtime.tensorrt.host_memory import HostMemory
+    mem = HostMemory()
+    with mem.stage("big"):
+        a = np.ones(200 * 2**20 // 8)          # 200 MiB touched
+        del a
+    with mem.stage("small"):
+        np.ones(1000).sum()
+    big, small = mem.stages["big"], mem.stages["small"]
+    assert big["peak_rss_mib"] >= small["peak_rss_mib"] + 150
+    if not big["exact"]:
+        pytest.skip("no /proc/self/clear_refs here: stages report the process peak")
+    assert mem.summary()["peak_rss_mib"] == big["peak_rss_mib"]
+
+
+def test_plan_shows_the_builds_host_memory(dense, capsys):
+    from molmo_edge.runtime.cli.main import main
+    main(["plan", dense, "--device", "orin-nano-8gb", "--json"])
+    before = json.loads(capsys.readouterr().out)["build_host_gib"]
+    assert before["peak"] == max(before["vision"], before["decoder"]) > 0 and "measured_peak" not in before
+    out, *_ = _build(dense)
+    main(["plan", dense, "--device", "orin-nano-8gb", "--json"])
+    after = json.loads(capsys.readouterr().out)["build_host_gib"]
+    rec = json.load(open(os.path.join(out, "engine.json")))
+    assert after["measured_peak"] == round(rec["host_memory"]["peak_rss_mib"] / 1024, 3)
+    assert "decoder: build" in after["measured_stages"]
+    main(["plan", dense, "--device", "orin-nano-8gb"])
+    assert "build on the device (molmo-edge build): peak host memory" in capsys.readouterr().out

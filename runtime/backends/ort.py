@@ -7,12 +7,13 @@ import os
 import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle, BundleError
+from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.kv_cache import KVCache
 
 
 def default_providers() -> list[str]:
-    import onnxruntime as ort
+    ort = require("onnxruntime")
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
@@ -21,10 +22,10 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 precision: str = "fp32", fused: bool | None = None):
-        import onnxruntime as ort
+                 precision: str = "fp32", fused: bool | None = None, device_io: bool | None = None):
         from molmo_edge.runtime.bundle import select_graphs
 
+        ort = require("onnxruntime")
         self.bundle = bundle
         self.cfg = bundle.config
         self.providers = providers or default_providers()
@@ -47,6 +48,11 @@ class OrtBackend:
                                   "damaged or from another version: re-export the bundle") from None
         self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["decoder"].get_providers() else "cpu"
         self.kv_layout = bundle.manifest["graphs"][self.graphs["decoder"]].get("kv_layout", "bsnh-append")
+        # CUDA/TensorRT provider: KV cache and step I/O in device memory (ort_device.py); device_io=True forces
+        # that path on any provider, False keeps the host path
+        from molmo_edge.runtime.backends.ort_device import device_decoder
+        self.device_io = None if device_io is False else device_decoder(ort, self.sessions["decoder"], self.cfg,
+                                                                          self.kv_layout, force=bool(device_io))
 
     def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
         return self.sessions["vision"].run(["image_features"], {"images": np.ascontiguousarray(images, np.float32),
@@ -55,9 +61,13 @@ class OrtBackend:
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
         n = min(max_len or c.max_sequence_length, c.max_sequence_length)  # RoPE tables cover max_sequence_length
+        if self.device_io is not None:
+            return self.device_io.new_cache(n)
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray) -> np.ndarray:
+        if self.device_io is not None:
+            return self.device_io.run(embeds, positions, cache, logit_positions)
         t = embeds.shape[1]
         cache.reserve(t)
         sess = self.sessions["decoder"]

@@ -20,7 +20,7 @@ import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle
 from molmo_edge.runtime.backends.cuda import CudaError, TensorRTMissing, open_cuda  # noqa: F401 - re-exported
-from molmo_edge.runtime.backends.trt_engines import (EngineError, Profile, ShapeRange, TrtEnv, decoder_buffers,
+from molmo_edge.runtime.backends.trt_engines import (EngineError, EngineRecord, Profile, ShapeRange, TrtEnv, decoder_buffers,
                                                      decoder_call_shapes, engine_precision, find_engine, kv_addresses,
                                                      nbytes, select_profile, vision_buffers)
 from molmo_edge.runtime.kv_cache import KVCache
@@ -169,12 +169,13 @@ class DeviceKVCache(KVCache):
     """The KV cache in GPU memory: per layer one key and one value buffer [1, max_len, kv_heads, head_dim]
     float32, sequence-major like the host cache. `reserve` and `truncate` work as in KVCache."""
 
-    def __init__(self, cuda: Any, n_layers: int, kv_heads: int, head_dim: int, max_len: int):
-        self.cuda = cuda
+    def __init__(self, cuda: Any, n_layers: int, kv_heads: int, head_dim: int, max_len: int, stream: Any = None):
+        self.cuda, self.stream = cuda, stream
         self.max_len = max_len
         self.layout = "bsnh"
         self.length = 0
         self.row_bytes = kv_heads * head_dim * 4
+        self.row_shape = (kv_heads, head_dim)
         self.keys = [cuda.malloc(max_len * self.row_bytes) for _ in range(n_layers)]
         self.values = [cuda.malloc(max_len * self.row_bytes) for _ in range(n_layers)]
 
@@ -182,6 +183,20 @@ class DeviceKVCache(KVCache):
         raise EngineError("the TensorRT KV cache lives on the GPU; it is only addressed, never read on the host")
 
     slot = past
+
+    def read_back(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of one layer's filled K/V [length, kv_heads, head_dim]: for build's parity check only
+        (a step never does this)."""
+        out = []
+        for base in (self.keys[layer], self.values[layer]):
+            host = np.empty((self.length, *self.row_shape), np.float32)
+            if self.length:
+                if self.stream is None:
+                    self.stream = self.cuda.stream()
+                self.cuda.d2h(host, base, self.stream)
+                self.cuda.sync(self.stream)
+            out.append(host)
+        return out[0], out[1]
 
     def addresses(self, layer: int, new: int) -> dict[str, tuple[int, int]]:
         return {kind: kv_addresses(base, self.row_bytes, self.length, new, self.max_len)
@@ -203,13 +218,15 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", engine: str | None = None, fused: bool = True,
-                 providers: Any = None, threads: int | None = None, _trt: Any = None, _cuda: Any = None):
+                 providers: Any = None, threads: int | None = None, record: EngineRecord | None = None,
+                 _trt: Any = None, _cuda: Any = None):
         self.bundle, self.cfg = bundle, bundle.config
         self.precision = engine_precision(precision)
         self.trt = _trt or import_tensorrt()
         self.cuda = _cuda or open_cuda()
         self.env = current_env(self.trt, self.cuda)
-        rec = find_engine(bundle.folder, bundle.manifest, self.env, self.precision, engine)
+        # `record`: an engine not registered yet (build's parity check runs it before it is kept)
+        rec = record or find_engine(bundle.folder, bundle.manifest, self.env, self.precision, engine)
         self.record = rec
         self.graphs = dict(rec.key["graphs"])
         self.device = "cuda"
@@ -243,7 +260,8 @@ class TrtBackend:
 
     def new_cache(self, max_len: int | None = None) -> DeviceKVCache:
         c = self.cfg
-        return DeviceKVCache(self.cuda, c.n_layers, c.n_kv_heads, c.head_dim, min(max_len or self.max_len, self.max_len))
+        return DeviceKVCache(self.cuda, c.n_layers, c.n_kv_heads, c.head_dim, min(max_len or self.max_len, self.max_len),
+                             self.stream)
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: DeviceKVCache, logit_positions: np.ndarray) -> np.ndarray:
         if not isinstance(cache, DeviceKVCache):

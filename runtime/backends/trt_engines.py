@@ -367,14 +367,18 @@ class EngineRecord:
     files: dict[str, dict[str, Any]]   # role -> {"file", "bytes", "sha256"}
     built: str = ""
     build_seconds: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)     # parity, host memory, precision islands
 
     def plan_path(self, role: str) -> str:
         return os.path.join(self.path, self.files[role]["file"])
 
 
-def write_record(path: str, key: EngineKey, files: dict[str, dict[str, Any]], build_seconds: dict[str, float]) -> str:
+def write_record(path: str, key: EngineKey, files: dict[str, dict[str, Any]], build_seconds: dict[str, float],
+                 extra: dict[str, Any] | None = None) -> str:
+    """engine.json; `extra` adds build facts outside the key (parity report, host memory, precision islands)."""
     rec = {"format": ENGINE_FORMAT, "key": key.fields(), "digest": key.digest, "files": files,
-           "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "build_seconds": build_seconds}
+           "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "build_seconds": build_seconds,
+           **(extra or {})}
     out = os.path.join(path, ENGINE_JSON)
     write_json_atomic(out, rec)
     return out
@@ -389,7 +393,8 @@ def read_record(path: str) -> EngineRecord:
                           "delete it and run `molmo-edge build BUNDLE`") from None
     if d.get("format") != ENGINE_FORMAT or "key" not in d or "files" not in d:
         raise EngineError(f"{path}/{ENGINE_JSON} is from another molmo-edge version; rebuild with `molmo-edge build BUNDLE`")
-    return EngineRecord(path, d["key"], d["files"], d.get("built", ""), d.get("build_seconds", {}))
+    facts = {k: d[k] for k in ("parity", "host_memory", "fp32_layers") if k in d}
+    return EngineRecord(path, d["key"], d["files"], d.get("built", ""), d.get("build_seconds", {}), facts)
 
 
 _FOREIGN = ("tensorrt", "gpu", "compute_capability", "l4t")

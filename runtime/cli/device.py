@@ -56,15 +56,22 @@ def cmd_build(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.tensorrt.build import build_engines
     out = build_engines(a.bundle, precision=a.precision, int8_mode=a.int8_mode, max_crops=a.max_crops, max_seq=a.max_seq,
                         workspace_mb=a.workspace, timing_cache=a.timing_cache, force=a.force, max_extend=a.max_extend,
-                        max_logits=a.max_logits, progress=say)
+                        max_logits=a.max_logits, verify=not a.no_verify, progress=say)
     print(out)
     return 0
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
+    if a.verify:
+        if not a.bundle:
+            raise MolmoEdgeError("doctor --verify needs a bundle: molmo-edge doctor BUNDLE --verify")
+        from molmo_edge.runtime.device.first_run import first_run
+        path, report = first_run(a.bundle, a.out, dry_run=a.dry_run, build=not a.no_build, ort_precision=a.ort_precision)
+        print(path)
+        return 0 if a.dry_run or all(s.get("rc") in (0, None) for s in report["steps"]) else 1
     from molmo_edge.runtime.device.doctor import diagnose, exit_code, format_findings, gather_facts
     from molmo_edge.runtime.tensorrt.check import check_bundle
-    facts = gather_facts()
+    facts = gather_facts(a.source)
     findings = diagnose(facts, a.bundle, check_bundle)
     if a.json:
         print(json.dumps({"facts": facts.to_dict(), "findings": [f.__dict__ for f in findings]}, indent=2))
@@ -82,9 +89,34 @@ def cmd_plan(a: argparse.Namespace) -> int:
     s = PlanSettings(precision=a.precision, max_crops=a.max_crops or cfg.preprocess.max_crops,
                      max_seq=a.max_seq or cfg.max_sequence_length,
                      workspace_mb=a.workspace or default_workspace_mb(int(dev.memory_gb * 2**30)), super_mode=a.super)
-    p = make_plan(cfg, dev, s)
+    graph_bytes, measured = _build_facts(a.bundle, s.precision)
+    p = make_plan(cfg, dev, s, graph_bytes, measured)
     print(json.dumps(p.to_dict(), indent=2) if a.json else format_plan(p))
     return 0 if p.fits else 1
+
+
+def _build_facts(path: str, precision: str) -> tuple[dict[str, int] | None, dict | None]:
+    """A bundle's ONNX weight bytes per role (what the build's parser holds) and the host memory measured by
+    its newest engine build of this precision, when there is one."""
+    from molmo_edge.runtime.bundle import is_bundle, load_bundle
+    if not is_bundle(path):
+        return None, None
+    from molmo_edge.runtime.backends.trt_engines import EngineError, list_engines, read_record
+    bundle = load_bundle(path)
+    graphs = bundle.manifest["graphs"]
+    vision = "vision.int8" if precision != "fp16" and "vision.int8" in graphs else "vision"
+    sizes = {role: int(graphs[g].get("data_bytes") or 0) + int(graphs[g].get("file_bytes") or 0)
+             for role, g in (("vision", vision), ("decoder", "decoder")) if g in graphs}
+    measured = None
+    for eng in reversed(list_engines(path)):
+        try:
+            rec = read_record(eng)
+        except EngineError:
+            continue
+        if rec.key.get("precision") == ("fp16" if precision == "fp16" else "int8") and rec.facts.get("host_memory"):
+            measured = rec.facts["host_memory"]
+            break
+    return sizes or None, measured
 
 
 def _config_for(path: str):
@@ -104,7 +136,10 @@ def add_commands(sub) -> None:
                        description="Parse the bundle's ONNX graphs (with external weights) and build TensorRT engines: "
                                    "one optimization profile over crop counts for vision; prefill, extend and decode "
                                    "profiles for the decoder. INT8 from the calibrated Q/DQ vision graph (strongly typed) "
-                                   "or from the calibration cache (implicit, TensorRT 10.x). Engines go to "
+                                   "or from the calibration cache (implicit, TensorRT 10.x); fp16 keeps norms, softmax, the MoE router "
+                                   "and RoPE in fp32. Each new engine must match onnxruntime on a sample frame and a "
+                                   "prefill + 3 decode steps (fp16: max relative error 2e-2, cosine 0.999) or it is not "
+                                   "registered. Engines go to "
                                    "BUNDLE/engines/<gpu>-<sm>-<trt>-<l4t>-<precision>-<hash>/ with engine.json; the "
                                    "timing cache persists next to them. An up-to-date engine is not rebuilt.")
     s.add_argument("bundle", metavar="BUNDLE")
@@ -120,6 +155,9 @@ def add_commands(sub) -> None:
     s.add_argument("--timing-cache", default=None, metavar="PATH",
                    help="persistent timing cache (default BUNDLE/engines/timing-<gpu>-<trt>.cache)")
     s.add_argument("--force", action="store_true", help="rebuild even when an up-to-date engine exists")
+    s.add_argument("--no-verify", action="store_true",
+                   help="register the engines without the parity check against onnxruntime (for models whose "
+                        "onnxruntime reference does not fit in memory next to the build; recorded in engine.json)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("check-trt", help="check a bundle's graphs against TensorRT's ONNX parser (runs anywhere)",
@@ -139,7 +177,18 @@ def add_commands(sub) -> None:
                                    "cameras) and, given a bundle, check its graphs for this TensorRT, its engines for this "
                                    "machine, and its memory fit; each problem comes with a fix. Exit status 1 on a failure.")
     s.add_argument("bundle", metavar="BUNDLE", nargs="?")
+    s.add_argument("--source", action="append", metavar="URI",
+                   help="a camera source to check for (repeatable; csi:// needs OpenCV with GStreamer); the services' "
+                        "MOLMO_EDGE_SOURCE/--source in the environment and /etc/default/molmo-edge* are read too")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--verify", action="store_true",
+                   help="first run on a device (jetson/first-run.sh): doctor, plan, build with the parity check, bench on "
+                        "onnxruntime and TensorRT, all into one JSON file to send back (about 15 minutes at most)")
+    s.add_argument("--out", metavar="FILE", help="--verify report path (default first-run-<host>-<time>.json)")
+    s.add_argument("--dry-run", action="store_true", help="--verify: list the steps and their limits, run nothing")
+    s.add_argument("--no-build", action="store_true", help="--verify: skip the TensorRT build and its bench")
+    s.add_argument("--ort-precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="--verify: graphs the onnxruntime bench runs (int4 when only that fits, see `plan`)")
     s.set_defaults(fn=cmd_doctor)
 
     from molmo_edge.runtime.device.targets import DEVICES

@@ -364,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     except MolmoEdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        from molmo_edge.runtime.deps import as_missing
+        missing = as_missing(e)
+        if missing is None:
+            raise
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

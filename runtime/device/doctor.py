@@ -7,14 +7,16 @@ split keeps every judgement testable with recorded facts from machines we do not
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from molmo_edge.runtime import machine
+from molmo_edge.runtime.device.install_probes import (NUMPY_ABI, OPENCV_WHEELS, ORT_DISTRIBUTIONS, configured_sources,
+                                                      import_error, installed_distributions, opencv_has_gstreamer)
 
 
 @dataclass
@@ -37,6 +39,18 @@ class Facts:
     tensorrt_error: str | None = None
     onnxruntime: str | None = None
     ort_providers: list[str] = field(default_factory=list)
+    ort_error: str | None = None
+    # every installed distribution that provides the `onnxruntime/` package: name -> "version at location"
+    ort_distributions: dict[str, str] = field(default_factory=dict)
+    opencv: str | None = None                  # cv2.__version__
+    opencv_path: str | None = None             # where `import cv2` comes from
+    opencv_gstreamer: bool | None = None       # "GStreamer: YES" in cv2.getBuildInformation()
+    opencv_error: str | None = None
+    opencv_distributions: dict[str, str] = field(default_factory=dict)   # pip opencv-python* wheels
+    numpy: str | None = None
+    numpy_distributions: list[str] = field(default_factory=list)         # "version at location", every copy
+    numpy_abi_errors: dict[str, str] = field(default_factory=dict)       # module -> import error naming numpy
+    sources: list[str] = field(default_factory=list)                     # configured camera sources
     cameras: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,7 +77,7 @@ def _version(module: str) -> str | None:
         return None
 
 
-def gather_facts() -> Facts:
+def gather_facts(sources: list[str] | None = None) -> Facts:
     f = Facts(python=platform.python_version(), platform=platform.platform(), machine=platform.machine())
     try:
         f.memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -83,16 +97,44 @@ def gather_facts() -> Facts:
     except Exception as e:  # noqa: BLE001 - no bindings, no driver, no GPU
         f.gpu_error = str(e).splitlines()[0][:200]
     try:
-        trt = importlib.import_module("tensorrt")
-        f.tensorrt = str(trt.__version__)
-    except Exception as e:  # noqa: BLE001
-        f.tensorrt_error = f"{type(e).__name__}: {e}"[:200]
-    try:
-        import onnxruntime as ort
-        f.onnxruntime = ort.__version__
-        f.ort_providers = list(ort.get_available_providers())
+        import numpy
+        f.numpy = numpy.__version__
     except Exception:  # noqa: BLE001
         pass
+    trt, err = import_error("tensorrt")
+    if trt is not None:
+        f.tensorrt = str(trt.__version__)
+    else:
+        f.tensorrt_error = err
+    ort, err = import_error("onnxruntime")
+    if ort is not None:
+        f.onnxruntime = str(getattr(ort, "__version__", "?"))
+        try:
+            f.ort_providers = list(ort.get_available_providers())
+        except Exception as e:  # noqa: BLE001 - a half-overwritten package has no providers
+            f.ort_error = f"{type(e).__name__}: {e}"[:200]
+    else:
+        f.ort_error = err
+    cv2, err = import_error("cv2")
+    if cv2 is not None:
+        f.opencv, f.opencv_path = str(getattr(cv2, "__version__", "?")), getattr(cv2, "__file__", None)
+        try:
+            f.opencv_gstreamer = opencv_has_gstreamer(cv2.getBuildInformation())
+        except Exception:  # noqa: BLE001
+            pass
+    else:
+        f.opencv_error = err
+    for module, e in (("tensorrt", f.tensorrt_error), ("onnxruntime", f.ort_error), ("cv2", f.opencv_error)):
+        if e and NUMPY_ABI.search(e):
+            f.numpy_abi_errors[module] = e
+    try:
+        dists = installed_distributions()
+    except Exception:  # noqa: BLE001
+        dists = {}
+    f.ort_distributions = {n: "; ".join(dists[n]) for n in ORT_DISTRIBUTIONS if n in dists}
+    f.opencv_distributions = {n: "; ".join(dists[n]) for n in OPENCV_WHEELS if n in dists}
+    f.numpy_distributions = list(dists.get("numpy", []))
+    f.sources = configured_sources(sources)
     f.cameras = sorted(glob.glob("/dev/video*"))
     return f
 
@@ -168,18 +210,78 @@ def diagnose_machine(f: Facts) -> list[Finding]:
                if on_jetson else "the onnxruntime backend works without it; TensorRT engines need `pip install tensorrt-cu12` "
                "on an NVIDIA GPU, or a Jetson")
         out.append(Finding("tensorrt", status, f"TensorRT Python bindings missing ({f.tensorrt_error or 'not installed'})", fix))
+    out += diagnose_install(f)
     if f.onnxruntime:
         gpu_ep = [p for p in f.ort_providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
         status = "ok" if gpu_ep or not (on_jetson or f.gpu) else "warn"
         out.append(Finding("onnxruntime", status, f"onnxruntime {f.onnxruntime}: {', '.join(f.ort_providers)}",
                            "" if status == "ok" else _ort_index(f.jetpack)))
     else:
-        out.append(Finding("onnxruntime", "fail", "onnxruntime is not installed", "pip install onnxruntime"))
+        fix = ("jetson/setup.sh (or " + _ort_index(f.jetpack) + ")" if on_jetson else
+               "pip install 'molmo-edge[cpu]' (or '[gpu]' with an NVIDIA GPU)")
+        out.append(Finding("onnxruntime", "fail", f"onnxruntime is not importable ({f.ort_error or 'not installed'})", fix))
     if f.cameras:
         out.append(Finding("cameras", "ok", ", ".join(f.cameras)))
     else:
         out.append(Finding("cameras", "info", "no /dev/video* camera (CSI cameras need nvargus-daemon; files and RTSP "
                            "work anyway)"))
+    return out
+
+
+def _major(version: str) -> str:
+    return version.split(" ")[0].split(".")[0]
+
+
+def diagnose_install(f: Facts) -> list[Finding]:
+    """Installs that break the device's stack: two onnxruntime distributions over one package, an OpenCV
+    without GStreamer where a csi:// camera is configured, a numpy of another ABI than the compiled modules'."""
+    out: list[Finding] = []
+    on_jetson = f.l4t is not None
+    if len(f.ort_distributions) > 1:
+        names = sorted(f.ort_distributions)
+        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names and (on_jetson or f.gpu) else names[0]
+        how = (_ort_index(f.jetpack) if on_jetson and keep == "onnxruntime-gpu"
+               else f"pip install {keep}")
+        out.append(Finding("onnxruntime", "fail", f"{len(names)} onnxruntime distributions are installed at once "
+                           f"({'; '.join(f'{n} {v}' for n, v in sorted(f.ort_distributions.items()))}): they share one "
+                           "`onnxruntime/` package, the last one installed owns its files (CUDA provider lost or mixed)",
+                           f"pip uninstall -y {' '.join(names)} && {how}"))
+    csi = [s for s in f.sources if s.lower().startswith("csi://")]
+    wheels = sorted(f.opencv_distributions)
+    if csi and (f.opencv is None or f.opencv_gstreamer is not True):
+        what = (f"OpenCV is not importable ({f.opencv_error or 'not installed'})" if f.opencv is None else
+                f"OpenCV {f.opencv} at {f.opencv_path or '?'} has no GStreamer" if f.opencv_gstreamer is False else
+                f"OpenCV {f.opencv} does not say whether it has GStreamer")
+        if wheels and on_jetson:
+            fix = (f"pip uninstall -y {' '.join(wheels)} (pip's wheels have no GStreamer and shadow JetPack's OpenCV), "
+                   "then `python3 -c 'import cv2'` must come from /usr/lib/python3/dist-packages")
+        elif on_jetson:
+            fix = "sudo apt install libopencv-python (JetPack's OpenCV, built with GStreamer), or re-run jetson/setup.sh"
+        else:
+            fix = "csi:// needs an OpenCV built with GStreamer (JetPack's); use /dev/videoN, rtsp:// or a file here"
+        out.append(Finding("opencv", "fail", f"{what}, but csi:// camera {csi[0]} is configured: it cannot open", fix))
+    elif f.opencv:
+        gst = {True: "with GStreamer", False: "without GStreamer", None: "GStreamer unknown"}[f.opencv_gstreamer]
+        status = "warn" if on_jetson and wheels else "ok"
+        out.append(Finding("opencv", status, f"OpenCV {f.opencv} ({gst}) from {f.opencv_path or '?'}"
+                           + (f"; pip wheels {', '.join(wheels)} installed" if wheels else ""),
+                           f"pip uninstall -y {' '.join(wheels)} (keeps JetPack's GStreamer OpenCV for csi://)"
+                           if status == "warn" else ""))
+    elif f.opencv_error and not f.numpy_abi_errors.get("cv2"):
+        out.append(Finding("opencv", "warn", f"OpenCV is not importable ({f.opencv_error}): cameras, watch and overlays "
+                           "need it", "jetson/setup.sh" if on_jetson else "pip install 'molmo-edge[cpu]'"))
+    for module, err in sorted(f.numpy_abi_errors.items()):
+        built_for_1 = re.search(r"NumPy 1\.x|multiarray failed|_ARRAY_API", err, re.I) is not None
+        majors = sorted({_major(d) for d in f.numpy_distributions})
+        fix = ("pip install 'numpy<2' (the module was built against numpy 1.x; JetPack 6's system modules are)"
+               if built_for_1 else f"pip install --upgrade numpy (the module needs a newer numpy than {f.numpy})")
+        out.append(Finding("numpy", "fail", f"numpy {f.numpy or '?'} does not match the ABI {module} was built for "
+                           f"({err})" + (f"; numpy copies: {', '.join(f.numpy_distributions)}" if len(majors) > 1 else ""),
+                           fix))
+    if not f.numpy_abi_errors and len({_major(d) for d in f.numpy_distributions}) > 1 and on_jetson:
+        out.append(Finding("numpy", "warn", f"numpy {f.numpy} shadows another major version "
+                           f"({', '.join(f.numpy_distributions)}): system modules built for it may fail to import",
+                           "pip install 'numpy<2'" if any(_major(d) == "1" for d in f.numpy_distributions) else ""))
     return out
 
 
@@ -227,7 +329,18 @@ def diagnose_bundle(f: Facts, folder: str, check_trt: Callable[[str, str], Any] 
         for prec in ("fp16", "int8"):
             try:
                 rec = find_engine(folder, bundle.manifest, env, prec)
-                out.append(Finding("engines", "ok", f"{prec}: {os.path.basename(rec.path)} is current for this machine"))
+                parity = rec.facts.get("parity")
+                name = os.path.basename(rec.path)
+                if not parity:
+                    out.append(Finding("engines", "warn", f"{prec}: {name} is current but was built before engines were "
+                                       "checked against onnxruntime", f"molmo-edge build {folder} --precision {prec} --force"))
+                elif parity.get("skipped"):
+                    out.append(Finding("engines", "warn", f"{prec}: {name} is current but registered with --no-verify "
+                                       "(not checked against onnxruntime)", f"molmo-edge build {folder} --precision {prec} --force"))
+                else:
+                    worst = max((parity.get(r, {}).get("worst") or {}).get("max_rel", 0) for r in ("vision", "decoder"))
+                    out.append(Finding("engines", "ok", f"{prec}: {name} is current for this machine and matched "
+                                       f"onnxruntime (worst max relative error {worst:.3g})"))
             except EngineError as e:
                 if list_engines(folder):
                     out.append(Finding("engines", "warn", f"{prec}: {str(e).split(': build one here')[0]}",

@@ -111,6 +111,7 @@ class Plan:
     floors_ms: dict[str, float]
     decode_tokens_per_s_ceiling: float
     runs_on: str
+    build_host_gib: dict[str, Any] = field(default_factory=dict)   # `molmo-edge build`'s peak host memory
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -208,6 +209,27 @@ def floors(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> dict[str, floa
             "decode_per_token": round(decode * 1e3, 3), "prefill_tokens": t}
 
 
+def build_memory(cfg: MolmoConfig, s: PlanSettings, graph_bytes: dict[str, int] | None = None,
+                 measured: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Peak host memory of `molmo-edge build` (GiB), staged as build.py runs it: graphs one after the other,
+    each parse holding the ONNX weights once as stored in the bundle (`graph_bytes`; fp32 when unknown), the
+    builder adding the engine's fp16 weights and the workspace; the parity check afterwards holds one model at a
+    time. `measured`: engine.json's host_memory of a build on a device (peak RSS per stage), shown as well."""
+    vp = PRECISION_PARTS[s.precision][0]
+    engine = {"vision": weight_bytes(vision_shapes_used(cfg), vp), "decoder": weight_bytes(decoder_shapes(cfg), "fp16")}
+    onnx = dict(graph_bytes or {})
+    onnx.setdefault("vision", weight_bytes(vision_shapes_used(cfg), "fp32"))
+    onnx.setdefault("decoder", weight_bytes(decoder_shapes(cfg), "fp32"))
+    ws = s.workspace_mb * 2**20
+    per = {r: round((onnx[r] + engine[r] + ws) / GiB, 3) for r in ("vision", "decoder")}
+    out: dict[str, Any] = {**per, "peak": max(per.values()),
+                           "basis": "estimate: ONNX weights as stored + fp16 engine weights + workspace, one graph at a time"}
+    if measured and measured.get("peak_rss_mib"):
+        out["measured_peak"] = round(measured["peak_rss_mib"] / 1024, 3)
+        out["measured_stages"] = {k: round(v["peak_rss_mib"] / 1024, 3) for k, v in measured.get("stages", {}).items()}
+    return out
+
+
 def _total(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> float:
     return round(sum(memory(cfg, s, dev)[0].values()), 3)
 
@@ -217,7 +239,8 @@ _SEQ_STEPS = (4096, 2048, 1024, 512)
 _PREC_STEPS = ("fp16", "int8", "int4")
 
 
-def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings) -> Plan:
+def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, graph_bytes: dict[str, int] | None = None,
+              measured_build: dict[str, Any] | None = None) -> Plan:
     if s.precision not in PLAN_PRECISIONS:
         raise MolmoEdgeError(f"--precision {s.precision} is not one of {', '.join(PLAN_PRECISIONS)}")
     if s.max_seq > cfg.max_sequence_length:
@@ -230,7 +253,12 @@ def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings) -> Plan:
     plan = Plan(device=d.name, settings=asdict(s), memory_gib=mem, info_gib=info, total_gib=total, module_gib=d.memory_gb,
                 available_gib=round(d.memory_gb - d.os_reserve_gb - d.runtime_overhead_gb, 3), fits=fits,
                 floors_ms={k: v for k, v in fl.items() if k != "prefill_tokens"},
-                decode_tokens_per_s_ceiling=round(1e3 / fl["decode_per_token"], 1), runs_on=PRECISION_RUNS_ON[s.precision])
+                decode_tokens_per_s_ceiling=round(1e3 / fl["decode_per_token"], 1), runs_on=PRECISION_RUNS_ON[s.precision],
+                build_host_gib=build_memory(cfg, s, graph_bytes, measured_build))
+    if plan.build_host_gib["peak"] > d.memory_gb - d.os_reserve_gb:
+        plan.notes.append(f"building the engines on this device needs ~{plan.build_host_gib['peak']:.1f} GiB of host memory "
+                          f"(more than its {d.memory_gb - d.os_reserve_gb:.1f} GiB after the OS): export the bundle with "
+                          "--dtype fp16 (halves the ONNX weights the parser holds) or add swap for the build")
     plan.notes.append(f"image prefill floor is for a 640x480 frame at {s.max_crops} crops ({fl['prefill_tokens']} tokens); "
                       "decode floor at that context")
     if cfg.is_moe:
@@ -296,5 +324,12 @@ def format_plan(p: Plan) -> str:
     for k, v in p.floors_ms.items():
         lines.append(f"  {k.replace('_', ' '):<32} {v:10.2f} ms")
     lines.append(f"  decode ceiling                   {p.decode_tokens_per_s_ceiling:10.1f} tokens/s")
+    b = p.build_host_gib
+    if b:
+        lines += ["", f"build on the device (molmo-edge build): peak host memory ~{b['peak']:.2f} GiB "
+                      f"(vision {b['vision']:.2f}, decoder {b['decoder']:.2f}; {b['basis']})"]
+        if "measured_peak" in b:
+            lines.append(f"  measured on this bundle's engine build: {b['measured_peak']:.2f} GiB peak RSS ("
+                         + ", ".join(f"{k} {v:.2f}" for k, v in b["measured_stages"].items()) + ")")
     lines += ["", f"runs on: {p.runs_on}"] + [f"note: {n}" for n in p.notes]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ bindings are imported when a build starts, never at import time.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
@@ -17,18 +18,21 @@ from typing import Any, Callable
 from molmo_edge.runtime.backends.cuda import open_cuda
 from molmo_edge.runtime.backends.trt import current_env, import_tensorrt
 from molmo_edge.runtime.backends.trt_engines import (BuildConfigError, CALIBRATION_CACHE, DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, ENGINES,
-                                                     EngineError, Profile, default_workspace_mb, decoder_profiles,
+                                                     EngineError, EngineRecord, Profile, default_workspace_mb, decoder_profiles,
                                                      engine_key, mismatches, read_record, timing_cache_path,
                                                      trt_major_minor, trt_version_int, verify_files, vision_profiles,
                                                      write_record)
 from molmo_edge.runtime.bundle import Bundle, load_bundle
-from molmo_edge.runtime.files import say, timed, write_bytes_atomic
+from molmo_edge.runtime.files import say, timed, write_bytes_atomic, write_json_atomic
+from molmo_edge.runtime.tensorrt.host_memory import HostMemory
+from molmo_edge.runtime.tensorrt.parity import refusal
 
 
 PRECISIONS = ("fp16", "int8")
 
 
 INT8_MODES = ("qdq", "cache")
+OBEY = "OBEY_PRECISION_CONSTRAINTS"   # the BuilderFlag that makes per-layer precision binding, not a hint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,16 +63,18 @@ def build_plan(manifest: dict[str, Any], precision: str, int8_mode: str = "qdq",
                                "JetPack 7: 10.13); TensorRT 11 removed the FP16/INT8 builder flags these builds use")
     graphs = manifest["graphs"]
     weak_note = "weak typing (FP16/INT8 flags) is deprecated since TensorRT 10.12 and still honoured" if minor >= 12 else ""
-    decoder = GraphBuild("decoder", "decoder", False, ("FP16",), note=weak_note)
+    # fp16 builds keep norms, softmax, the router and RoPE in fp32 (runtime/tensorrt/precision.py), obeyed
+    fp16 = ("FP16", OBEY)
+    decoder = GraphBuild("decoder", "decoder", False, fp16, note=weak_note)
     if precision == "fp16":
-        return [GraphBuild("vision", "vision", False, ("FP16",), note=weak_note), decoder]
+        return [GraphBuild("vision", "vision", False, fp16, note=weak_note), decoder]
     if int8_mode == "qdq":
         if "vision.int8" not in graphs:
             raise BuildConfigError("this bundle has no Q/DQ vision graph (vision.int8): run `molmo-edge calibrate BUNDLE "
                                    "--source FRAMES` first, or use --int8-mode cache")
         return [GraphBuild("vision", "vision.int8", True, (), note="strongly typed: layers outside Q/DQ run in the "
                            "graph's own precision"), decoder]
-    return [GraphBuild("vision", "vision", False, ("INT8", "FP16"), calibration_cache_for(manifest, trt_version),
+    return [GraphBuild("vision", "vision", False, ("INT8",) + fp16, calibration_cache_for(manifest, trt_version),
                        note="implicit INT8 from the calibration cache (deprecated since TensorRT 10.1, removed in 11)"),
             decoder]
 
@@ -155,15 +161,21 @@ def _cache_calibrator(trt: Any, cache: bytes, algorithm: str) -> Any:
 
 
 def _build_one(trt: Any, logger: Any, bundle: Bundle, job: GraphBuild, profiles: list[Profile], workspace_mb: int,
-               timing: bytes, clock: Callable[[str], None]) -> tuple[bytes, bytes]:
-    """(serialized engine, updated timing cache) for one graph."""
+               timing: bytes, clock: Callable[[str], None], mem: HostMemory) -> tuple[bytes, bytes, dict[str, int]]:
+    """(serialized engine, updated timing cache, fp32 layers per reason) for one graph. The parser reads the
+    external weights itself (parse_from_file: no second copy in Python) and everything it holds is dropped
+    before returning, so the parity check and the next graph start from the plan bytes alone."""
+    from molmo_edge.runtime.tensorrt.onnx_reader import read_onnx
+    from molmo_edge.runtime.tensorrt.precision import constrain_network, fp32_islands
     path = bundle.graph_path(job.graph)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if job.strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     clock(f"{job.role}: parsing {os.path.basename(path)} (+ external weights) ...")
-    if not parser.parse_from_file(path):
+    with mem.stage(f"{job.role}: parse"):
+        parsed = parser.parse_from_file(path)
+    if not parsed:
         errs = []
         for i in range(parser.num_errors):
             e = parser.get_error(i)
@@ -171,6 +183,11 @@ def _build_one(trt: Any, logger: Any, bundle: Bundle, job: GraphBuild, profiles:
             errs.append(f"node {node}: {e.desc()}")
         raise BuildConfigError(f"TensorRT {trt.__version__} could not parse {os.path.basename(path)}: "
                                f"{'; '.join(errs[:3]) or 'no details'}; run `molmo-edge check-trt {bundle.folder}`")
+    fp32: dict[str, int] = {}
+    if OBEY in job.flags:
+        fp32 = constrain_network(trt, network, fp32_islands(read_onnx(path).graph))
+        clock(f"{job.role}: {sum(fp32.values())} layers kept in fp32 ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(fp32.items())) + ")")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb * 2**20)
     for f in job.flags:
@@ -195,18 +212,24 @@ def _build_one(trt: Any, logger: Any, bundle: Bundle, job: GraphBuild, profiles:
         config.set_timing_cache(tc, False)
     what = "strongly typed" if job.strongly_typed else "+".join(job.flags)
     clock(f"{job.role}: building the engine ({what}, {len(profiles)} profile(s), workspace {workspace_mb} MB) ...")
-    plan = builder.build_serialized_network(network, config)
+    with mem.stage(f"{job.role}: build"):
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"TensorRT could not build the {job.role} engine (see the TensorRT log above): try a larger "
                           "--workspace, smaller --max-crops/--max-seq, or check `molmo-edge doctor`")
-    return bytes(memoryview(plan)), bytes(memoryview(config.get_timing_cache().serialize()))
+    out = bytes(memoryview(plan)), bytes(memoryview(config.get_timing_cache().serialize())), fp32
+    del plan, tc, trt_profiles, config, parser, network, builder   # the parsed weights go with the parser
+    gc.collect()
+    return out
 
 
 def build_engines(folder: str, precision: str = "fp16", int8_mode: str = "qdq", max_crops: int | None = None,
                   max_seq: int | None = None, workspace_mb: int | None = None, timing_cache: str | None = None,
                   force: bool = False, max_extend: int = DEFAULT_MAX_EXTEND, max_logits: int = DEFAULT_MAX_LOGITS,
-                  progress: Callable[[str], None] = say, _trt: Any = None, _cuda: Any = None) -> str:
-    """Build (or confirm) the engines of a bundle for this machine; returns the engine folder."""
+                  verify: bool = True, progress: Callable[[str], None] = say, _trt: Any = None, _cuda: Any = None) -> str:
+    """Build (or confirm) the engines of a bundle for this machine; returns the engine folder. With `verify`
+    (the default) the new engines must match onnxruntime on sample inputs (runtime/tensorrt/parity.py) or
+    they are not registered; the report goes to BUNDLE/engines/parity-<engine>.json either way."""
     from molmo_edge.runtime.tensorrt.check import TRT_VERSIONS, check_graph, load_table, normalize_trt_version, read_onnx
     clock = timed(progress, "build")
     bundle = load_bundle(folder)
@@ -261,11 +284,14 @@ def build_engines(folder: str, precision: str = "fp16", int8_mode: str = "qdq", 
     os.makedirs(tmp)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
-    files, seconds = {}, {}
+    files, seconds, fp32 = {}, {}, {}
+    mem = HostMemory()
+    report_path = os.path.join(folder, ENGINES, f"parity-{key.dirname()}.json")
     try:
         for job in jobs:
             t0 = time.perf_counter()
-            plan, timing = _build_one(trt, logger, bundle, job, profiles[job.role], workspace_mb, timing, clock)
+            plan, timing, fp32[job.role] = _build_one(trt, logger, bundle, job, profiles[job.role], workspace_mb, timing,
+                                                      clock, mem)
             write_bytes_atomic(tc_path, timing)   # keep the tuned tactics even if a later build fails
             name = f"{job.role}.plan"
             write_bytes_atomic(os.path.join(tmp, name), plan)
@@ -273,7 +299,21 @@ def build_engines(folder: str, precision: str = "fp16", int8_mode: str = "qdq", 
                                "graph": job.graph}
             seconds[job.role] = round(time.perf_counter() - t0, 1)
             clock(f"{job.role}: {len(plan) / 2**20:.1f} MiB engine in {seconds[job.role]} s")
-        write_record(tmp, key, files, seconds)
+            del plan
+        if verify:
+            report = _verify(bundle, key, tmp, files, precision, crops, trt, cuda, clock, mem)
+            report["report_path"] = report_path
+            write_json_atomic(report_path, report)
+            err = refusal(report)
+            if err is not None:
+                raise err
+            parity = {role: {k: report[role][k] for k in ("ok", "graph", "tolerance", "worst")} for role in ("vision", "decoder")}
+        else:
+            clock("parity check skipped (--no-verify): these engines are NOT verified against onnxruntime")
+            parity = {"skipped": True}
+        clock(f"peak host memory {mem.peak_mib():.0f} MiB (" + ", ".join(
+            f"{k} {v['peak_rss_mib']:.0f}" for k, v in mem.stages.items()) + ")")
+        write_record(tmp, key, files, seconds, {"parity": parity, "host_memory": mem.summary(), "fp32_layers": fp32})
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -281,3 +321,16 @@ def build_engines(folder: str, precision: str = "fp16", int8_mode: str = "qdq", 
         shutil.rmtree(tmp, ignore_errors=True)
     clock(f"done: {out}")
     return out
+
+
+def _verify(bundle: Bundle, key: Any, tmp: str, files: dict[str, dict[str, Any]], precision: str, crops: int, trt: Any,
+            cuda: Any, clock: Callable[[str], None], mem: HostMemory) -> dict[str, Any]:
+    """The parity check of engines not registered yet (they still sit in the partial folder)."""
+    from molmo_edge.runtime.backends.trt import TrtBackend
+    from molmo_edge.runtime.tensorrt.parity import verify_engines
+    rec = EngineRecord(tmp, key.fields(), files)
+    run_as = "int8" if precision == "int8" else "fp32"
+    precisions = {"vision": "int8" if precision == "int8" else "fp16", "decoder": "fp16"}
+    with mem.stage("parity"):
+        return verify_engines(bundle, dict(key.graphs), precisions, crops,
+                              lambda: TrtBackend(bundle, precision=run_as, record=rec, _trt=trt, _cuda=cuda), clock)
