@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.hf_names import lm_head_name
+from molmo_edge.runtime.hf_names import block_prefixes, lm_head_name
 
 
 class RMSNorm(nn.Module):
@@ -46,13 +46,14 @@ class VitAttention(nn.Module):
         self.wv = nn.Linear(q_in, kv_heads * head_dim)
         self.wo = nn.Linear(heads * head_dim, out)
 
-    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: bool, broadcast to [..., heads, Lq, Lkv] (True = may attend); None = full attention."""
         xkv = xq if xkv is None else xkv
         q, k, v = _heads(self.wq(xq), self.heads), _heads(self.wk(xkv), self.kv_heads), _heads(self.wv(xkv), self.kv_heads)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(xq.dtype)
+        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(xq.dtype)
         return self.wo(o.transpose(-3, -2).flatten(-2))
 
 
@@ -132,12 +133,51 @@ class VisionEncoder(nn.Module):
         return self.proj_w2(F.silu(self.proj_w1(pooled)) * self.proj_w3(pooled))
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [..., T, head_dim] in float32, llama (non-interleaved) layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], -1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def yarn_inv_freq(cfg: MolmoConfig) -> tuple[torch.Tensor, float]:
+    """YaRN: inverse frequencies blended between interpolated (/factor) and original by a linear ramp
+    over the dimensions whose wavelength lies between beta_fast and beta_slow rotations of the
+    pre-training context; cos/sin are then scaled by the attention factor (molmo2-spec §8)."""
+    dim, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
+    orig = cfg.rope_original_max_position or cfg.max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    attention = cfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, float(attention)
+
+
+def layer_rope_tables(cfg: MolmoConfig, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) [B, 1, T, hd] per decoder layer: the scaled table on `rope_scaling_layers`, plain
+    RoPE with the same theta elsewhere (one table for every layer when there is no scaling)."""
+    plain = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    scaled = plain
+    if cfg.rope_type == "yarn":
+        inv_freq, scale = yarn_inv_freq(cfg)
+        scaled = rope_tables(positions, cfg.head_dim, cfg.rope_theta, inv_freq, scale)
+    elif cfg.rope_type != "default":
+        raise ValueError(f"RoPE type {cfg.rope_type!r} is not supported")
+    return [tuple(t[:, None] for t in (scaled if cfg.layer_rope_scaled(i) else plain)) for i in range(cfg.n_layers)]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -195,18 +235,21 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.att_proj = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
         self.attn_out = nn.Linear(cfg.q_dim, cfg.d_model, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.q_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.kv_dim, cfg.norm_eps)
+        if cfg.qk_norm:  # over the full projection (OLMo) or per head (Qwen3), both before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim if cfg.qk_norm_per_head else cfg.q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim if cfg.qk_norm_per_head else cfg.kv_dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe else DenseFFN(cfg)
 
-    def forward(self, x, cos, sin, past=None, trace=None):
+    def forward(self, x, cos, sin, past=None, trace=None, mask=None):
+        """mask: bool [T, S] (True = may attend) replacing the causal one (Molmo2's prefill block)."""
         cfg = self.cfg
         h = x if cfg.norm_after else self.attn_norm(x)
         q, k, v = self.att_proj(h).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], -1)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = _heads(q, cfg.n_heads), _heads(k, cfg.n_kv_heads), _heads(v, cfg.n_kv_heads)
+        if cfg.qk_norm and cfg.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], -2), torch.cat([past[1], v], -2)
@@ -215,7 +258,8 @@ class Block(nn.Module):
             rep = cfg.n_heads // cfg.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
         t, s = q.shape[-2], k.shape[-2]
-        mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)  # causal, queries at the end
+        if mask is None:
+            mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)  # causal, queries at the end
         att = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(x.dtype)
         att = self.attn_out(att.transpose(-3, -2).flatten(-2))
         if cfg.norm_after:
@@ -253,19 +297,23 @@ class MolmoModel(nn.Module):
         extra = F.embedding((input_ids - n).clamp(0, self.cfg.additional_vocab_size - 1), self.wte_new)
         return torch.where((input_ids >= n)[..., None], extra, base)
 
-    def decode(self, x: torch.Tensor, positions: torch.Tensor, past=None, trace: dict | None = None):
-        """Input embeddings [B, T, d] at positions [B, T] -> logits [B, T, V] and the new KV cache."""
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        cos, sin = cos[:, None], sin[:, None]
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, past=None, trace: dict | None = None,
+               mask: torch.Tensor | None = None):
+        """Input embeddings [B, T, d] at positions [B, T] -> logits [B, T, V] and the new KV cache.
+        mask: bool [T, S] instead of causal (Molmo2 prefill)."""
+        tables = layer_rope_tables(self.cfg, positions)
         if trace is not None:
             trace["hidden_states"] = [x]
         presents = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, cos, sin, None if past is None else past[i], trace)
+            x, kv = blk(x, *tables[i], None if past is None else past[i], trace, mask)
             presents.append(kv)
             if trace is not None:
                 trace["hidden_states"].append(x)
-        return self.lm_head(self.ln_f(x)), presents
+        x = self.ln_f(x)
+        if trace is not None:
+            trace["final_hidden"] = x
+        return self.lm_head(x), presents
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                 image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None,
@@ -338,12 +386,18 @@ def hf_source_names(cfg: MolmoConfig) -> dict[str, str | list[str]]:
             m[f"{dst}w2.{p}"] = f"{src}feed_forward.w2.{p}"
             m[f"{dst}attention_norm.{p}"] = f"{src}attention_norm.{p}"
             m[f"{dst}ffn_norm.{p}"] = f"{src}ffn_norm.{p}"
+    m.update(decoder_source_names(cfg))
+    return m
+
+
+def decoder_source_names(cfg: MolmoConfig) -> dict[str, str | list[str]]:
+    """The decoder blocks' part of `hf_source_names` (shared by Molmo v1 and Molmo2)."""
+    m: dict[str, str | list[str]] = {}
     for i in range(cfg.n_layers):
-        b = f"model.transformer.blocks.{i}."
-        a, f = (b + "attn.", b + "mlp.") if cfg.layout == "molmoe" else (b, b)
+        a, f, an, fn = block_prefixes(cfg, i)
         d = f"blocks.{i}."
         m.update({d + "att_proj.weight": a + "att_proj.weight", d + "attn_out.weight": a + "attn_out.weight",
-                  d + "attn_norm.weight": a + "attn_norm.weight", d + "ff_norm.weight": f + "ff_norm.weight"})
+                  d + "attn_norm.weight": an + "attn_norm.weight", d + "ff_norm.weight": fn + "ff_norm.weight"})
         if cfg.qkv_bias:
             m[d + "att_proj.bias"] = a + "att_proj.bias"
         if cfg.qk_norm:
@@ -361,11 +415,16 @@ def hf_source_names(cfg: MolmoConfig) -> dict[str, str | list[str]]:
 
 def build_model(cfg: MolmoConfig, tensors, dtype: torch.dtype = torch.float32) -> MolmoModel:
     """Assemble the model from `tensors` (name -> torch tensor, any float dtype; read lazily) without
-    first allocating random weights."""
+    first allocating random weights. Molmo2 configs get the Molmo2 model (export/molmo2_model.py)."""
+    if cfg.is_molmo2:
+        from .molmo2_model import Molmo2Model, molmo2_source_names
+        model_cls, names = Molmo2Model, molmo2_source_names(cfg)
+    else:
+        model_cls, names = MolmoModel, hf_source_names(cfg)
     with torch.device("meta"):
-        model = MolmoModel(cfg)
+        model = model_cls(cfg)
     state = {}
-    for ours, theirs in hf_source_names(cfg).items():
+    for ours, theirs in names.items():
         if isinstance(theirs, list):
             first = tensors[theirs[0]]
             t = torch.empty((len(theirs), *first.shape), dtype=dtype)

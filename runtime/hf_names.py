@@ -15,13 +15,16 @@ def vision_weight_shapes(cfg: MolmoConfig) -> dict[str, Shape]:
     p = "model.vision_backbone."
     w, inner = v.width, v.heads * v.head_dim
     kv = v.kv_heads * v.head_dim
-    s: dict[str, Shape] = {
-        p + "image_vit.class_embedding": (w,),
-        p + "image_vit.positional_embedding": (v.num_pos, w),
-        p + "image_vit.patch_embedding.weight": (w, v.patch_dim),
-        p + "image_vit.pre_ln.weight": (w,),
-        p + "image_vit.pre_ln.bias": (w,),
-    }
+    s: dict[str, Shape] = {}
+    if v.class_token:
+        s[p + "image_vit.class_embedding"] = (w,)
+    s[p + "image_vit.positional_embedding"] = (v.num_pos, w)
+    s[p + "image_vit.patch_embedding.weight"] = (w, v.patch_dim)
+    if v.patch_bias:
+        s[p + "image_vit.patch_embedding.bias"] = (w,)
+    if v.pre_ln:
+        s[p + "image_vit.pre_ln.weight"] = (w,)
+        s[p + "image_vit.pre_ln.bias"] = (w,)
     for i in range(v.layers):
         b = f"{p}image_vit.transformer.resblocks.{i}."
         s.update({
@@ -34,34 +37,44 @@ def vision_weight_shapes(cfg: MolmoConfig) -> dict[str, Shape]:
             b + "attention_norm.weight": (w,), b + "attention_norm.bias": (w,),
             b + "ffn_norm.weight": (w,), b + "ffn_norm.bias": (w,),
         })
-    f = cfg.image_feature_dim
-    for n in ("wq", "wk", "wv"):
-        s[f"{p}image_pooling_2d.{n}.weight"] = (inner, f)
-        s[f"{p}image_pooling_2d.{n}.bias"] = (inner,)
-    s[p + "image_pooling_2d.wo.weight"] = (w, inner)
-    s[p + "image_pooling_2d.wo.bias"] = (w,)
-    s[p + "image_projector.w1.weight"] = (cfg.ffn_inner, w)
-    s[p + "image_projector.w3.weight"] = (cfg.ffn_inner, w)
-    s[p + "image_projector.w2.weight"] = (cfg.d_model, cfg.ffn_inner)
+    f, c = cfg.image_feature_dim, cfg.pooling
+    q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+    for n, rows in (("wq", q), ("wk", kv), ("wv", kv)):
+        s[f"{p}image_pooling_2d.{n}.weight"] = (rows, f)
+        s[f"{p}image_pooling_2d.{n}.bias"] = (rows,)
+    s[p + "image_pooling_2d.wo.weight"] = (c.width, q)
+    s[p + "image_pooling_2d.wo.bias"] = (c.width,)
+    s[p + "image_projector.w1.weight"] = (c.mlp_dim, c.width)
+    s[p + "image_projector.w3.weight"] = (c.mlp_dim, c.width)
+    s[p + "image_projector.w2.weight"] = (cfg.d_model, c.mlp_dim)
     if cfg.image_padding_embed:
         s[p + "pad_embed"] = (2 if cfg.image_padding_embed == "pad_and_partial_pad" else 1, f)
     return s
 
 
+def block_prefixes(cfg: MolmoConfig, i: int) -> tuple[str, str, str, str]:
+    """Where block i's tensors live: (attention, mlp, attn_norm, ff_norm) prefixes. MolmoE nests them
+    under attn./mlp., Molmo2 under self_attn./mlp. with the norms at the block, the dense v1 models flat."""
+    b = f"model.transformer.blocks.{i}."
+    if cfg.layout == "molmoe":
+        return b + "attn.", b + "mlp.", b + "attn.", b + "mlp."
+    if cfg.layout == "molmo2":
+        return b + "self_attn.", b + "mlp.", b, b
+    return b, b, b, b
+
+
 def block_weight_shapes(cfg: MolmoConfig, i: int) -> dict[str, Shape]:
     d = cfg.d_model
     qkv = cfg.q_dim + 2 * cfg.kv_dim
-    if cfg.layout == "molmoe":
-        a, m = f"model.transformer.blocks.{i}.attn.", f"model.transformer.blocks.{i}.mlp."
-    else:
-        a = m = f"model.transformer.blocks.{i}."
+    a, m, an, fn = block_prefixes(cfg, i)
     s: dict[str, Shape] = {a + "att_proj.weight": (qkv, d), a + "attn_out.weight": (d, cfg.q_dim),
-                           a + "attn_norm.weight": (d,), m + "ff_norm.weight": (d,)}
+                           an + "attn_norm.weight": (d,), fn + "ff_norm.weight": (d,)}
     if cfg.qkv_bias:
         s[a + "att_proj.bias"] = (qkv,)
     if cfg.qk_norm:
-        s[a + "q_norm.weight"] = (cfg.q_dim,)
-        s[a + "k_norm.weight"] = (cfg.kv_dim,)
+        per_head = cfg.qk_norm_per_head
+        s[a + "q_norm.weight"] = (cfg.head_dim if per_head else cfg.q_dim,)
+        s[a + "k_norm.weight"] = (cfg.head_dim if per_head else cfg.kv_dim,)
     if cfg.is_moe:
         s[m + "gate.weight"] = (cfg.moe_num_experts, d)
         for e in range(cfg.moe_num_experts):
@@ -76,7 +89,7 @@ def block_weight_shapes(cfg: MolmoConfig, i: int) -> dict[str, Shape]:
 
 
 def lm_head_name(cfg: MolmoConfig) -> str:
-    return "lm_head.weight" if cfg.layout == "molmoe" else "model.transformer.ff_out.weight"
+    return "lm_head.weight" if cfg.layout in ("molmoe", "molmo2") else "model.transformer.ff_out.weight"
 
 
 def llm_weight_shapes(cfg: MolmoConfig) -> dict[str, Shape]:
