@@ -72,7 +72,8 @@ def test_round_trip_dict():
 
 
 @pytest.mark.parametrize("bad,msg", [
-    ({"model_type": "molmo2"}, "not a Molmo 0924"),
+    ({"model_type": "llava"}, "not a Molmo 0924"),
+    ({"model_type": "molmo2"}, "lacks one of vit_config"),
     ({"model_type": "molmo", "foo": 1}, "neither `d_model`"),
     ({**MOLMO_7B_D, "num_attention_heads": None}, "null or non-numeric"),
     ({**MOLMOE_REAL, "image_pooling_2d": "2x2"}, "attention-meanq"),
