@@ -7,7 +7,7 @@ import pytest
 
 from molmo_edge.runtime.config import MolmoConfig, config_from_hf, load_config
 from molmo_edge.runtime.prefix_mask import mm_token_types, prefix_mask
-from molmo_edge.runtime.weights import hf_weight_shapes, parameter_count
+from molmo_edge.runtime.hf_names import hf_weight_shapes, parameter_count
 
 torch = pytest.importorskip("torch")
 
