@@ -208,3 +208,16 @@ def test_mismatched_image_tokens_fail_clearly(molmo2_checkpoints):
     ids = _image_prompt(cfg, 4, np.random.default_rng(2))
     with pytest.raises(ValueError, match="4 <im_patch> tokens but 3 image features"):
         model(ids, pixel_values=np.zeros((1, 729, 588), np.float32), image_token_pooling=np.zeros((3, 4), np.int32))
+
+
+@pytest.mark.parametrize("case", ["video_pan"])
+def test_cli_forward_torch_writes_golden_logits(m2golden, tmp_path, case):
+    from molmo_edge.runtime.cli.main import main
+
+    out = tmp_path / "out.npz"
+    assert main(["forward", str(m2golden / "ckpt-qwen3-tiny"), "--inputs", str(m2golden / "cases" / f"{case}.preprocess.npz"),
+                 "-o", str(out), "--backend", "torch"]) == 0
+    got, ref = np.load(out), np.load(m2golden / "cases" / "q3" / f"{case}.forward.npz")
+    assert got["logits"].dtype == np.float32 and got["logits"].shape == ref["logits"].shape
+    assert np.abs(got["logits"] - ref["logits"]).max() < 1e-3
+    np.testing.assert_allclose(got["image_features"], ref["image_features"], rtol=1e-4, atol=1e-3)

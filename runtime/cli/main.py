@@ -50,9 +50,16 @@ def _load_inputs(path: str) -> dict[str, Any]:
         raise MolmoEdgeError(f"{path} is not a readable .npz ({type(e).__name__}); re-create it with `molmo-edge preprocess`") from None
     if "input_ids" not in data:
         raise MolmoEdgeError(f"{path} has no `input_ids`; it must come from `molmo-edge preprocess` (HF processor names)")
+    for pixels, pooling in (("pixel_values", "image_token_pooling"), ("pixel_values_videos", "video_token_pooling")):
+        if pixels in data and pooling not in data:
+            raise MolmoEdgeError(f"{path} has `{pixels}` but lacks `{pooling}`; re-create it with `molmo-edge preprocess`")
     if "images" in data and not {"image_input_idx", "image_masks"} <= set(data):
         raise MolmoEdgeError(f"{path} has `images` but lacks `image_input_idx`/`image_masks`; re-create it with `molmo-edge preprocess`")
     return data
+
+
+MOLMO2_MODEL_INPUTS = ("pixel_values", "image_token_pooling", "pixel_values_videos", "video_token_pooling",
+                       "mm_token_type_ids")
 
 
 def _backend_for(folder: str, backend: str | None) -> str:
@@ -130,9 +137,12 @@ def cmd_forward(a: argparse.Namespace) -> int:
         say(f"wrote {a.output}: logits {list(res['logits'].shape)}")
         return 0
     import torch
-    model, _ = _torch_model(folder)
+    model, cfg = _torch_model(folder)
     kw = {}
-    if "images" in data:
+    if cfg.is_molmo2:  # the HF Molmo2 processor's names, passed as they are
+        kw = {k: data[k] for k in MOLMO2_MODEL_INPUTS if k in data}
+        data = {"input_ids": data["input_ids"]}
+    elif "images" in data:
         kw = {k: torch.from_numpy(np.asarray(data[k])) for k in ("images", "image_masks", "image_input_idx")}
     with torch.no_grad():
         out = model(torch.from_numpy(data["input_ids"].astype(np.int64)), **kw)
