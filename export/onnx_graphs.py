@@ -22,7 +22,7 @@ import numpy as np
 from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.hf_names import lm_head_name
+from molmo_edge.runtime.hf_names import block_prefixes, lm_head_name
 
 from molmo_edge.export.graph import GraphBuilder
 
@@ -155,6 +155,26 @@ def _moe(g: GraphBuilder, cfg: MolmoConfig, h: str, get: Get, f: str) -> str:
     return g.op("Reshape", [out, g.op("Shape", [h])])
 
 
+def scaled_rope(cfg: MolmoConfig) -> tuple[np.ndarray, float]:
+    """(inverse frequencies, cos/sin factor) of the scaled RoPE layers, computed as the torch reference does."""
+    from molmo_edge.export.model import yarn_inv_freq
+    inv_freq, scale = yarn_inv_freq(cfg)
+    return inv_freq.numpy().astype(np.float32), scale
+
+
+def molmo2_blocked(g: GraphBuilder, token_types: str, future: str, cols: str, p_len: str) -> str:
+    """Molmo2's prefix mask as "blocked" [B, 1, 1, T, S]: causal, except that new image/frame tokens
+    (token_types == 1) see every new image/frame token (the cached past counts as text). Decode steps
+    pass token_types 0 and stay causal."""
+    mm = g.op("Equal", [token_types, g.const(1)])                                          # [B, T]
+    new_col = g.op("Sub", [cols, g.op("Squeeze", [p_len, g.const([0])])])                  # [S]: key index among new tokens
+    is_new = g.op("Not", [g.op("Less", [new_col, g.const(0)])])
+    key_mm = g.op("And", [g.op("Gather", [mm, g.op("Where", [is_new, new_col, g.const(0)])], axis=1), is_new])  # [B, S]
+    both = g.op("And", [g.op("Unsqueeze", [mm, g.const([2])]), g.op("Unsqueeze", [key_mm, g.const([1])])])       # [B, T, S]
+    blocked = g.op("And", [future, g.op("Not", [both])])
+    return g.op("Unsqueeze", [blocked, g.const([1, 2])])
+
+
 def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
     d, hd, nh, nkv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     rep = nh // nkv
@@ -164,10 +184,17 @@ def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
     pasts = [(g.input(f"past_key.{i}", F32, ["batch", "past", nkv, hd]), g.input(f"past_value.{i}", F32, ["batch", "past", nkv, hd]))
              for i in range(cfg.n_layers)]
 
+    def rope_table(inv_freq: np.ndarray, scale: float) -> tuple[str, str]:
+        freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=F32), g.const([-1])]), g.const(inv_freq, np.float32)])
+        emb = g.op("Unsqueeze", [g.op("Concat", [freqs, freqs], axis=-1), g.const([2])])  # [B, T, 1, hd]
+        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+        if scale != 1.0:
+            cos, sin = (g.op("Mul", [t, g.const(scale, np.float32)]) for t in (cos, sin))
+        return cos, sin
+
     inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))).astype(np.float32)
-    freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=F32), g.const([-1])]), g.const(inv_freq, np.float32)])
-    emb = g.op("Unsqueeze", [g.op("Concat", [freqs, freqs], axis=-1), g.const([2])])  # [B, T, 1, hd]
-    cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+    plain = rope_table(inv_freq, 1.0)
+    scaled = rope_table(*scaled_rope(cfg)) if cfg.rope_type != "default" else plain  # Molmo2 OLMo: YaRN layers
 
     # causal mask over [T, P + T]: query t sits at absolute index P + t
     t_len = g.op("Slice", [g.op("Shape", [x]), g.const([1]), g.const([2])])
@@ -177,20 +204,25 @@ def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
     rows = g.op("Add", [g.op("Range", [g.const(0), g.op("Squeeze", [t_len, g.const([0])]), one]), g.op("Squeeze", [p_len, g.const([0])])])
     cols = g.op("Range", [g.const(0), g.op("Squeeze", [s_len, g.const([0])]), one])
     future = g.op("Greater", [g.op("Unsqueeze", [cols, g.const([0])]), g.op("Unsqueeze", [rows, g.const([1])])])
-    mask = g.op("Where", [future, g.const(NEG, np.float32), g.const(0.0, np.float32)])  # [T, S]
+    if cfg.is_molmo2:  # Molmo2 prefill: image/frame tokens also see every other one among the new tokens
+        future = molmo2_blocked(g, g.input("token_types", I64, ["batch", "seq"]), future, cols, p_len)
+    mask = g.op("Where", [future, g.const(NEG, np.float32), g.const(0.0, np.float32)])  # [T, S] ([B, 1, 1, T, S] Molmo2)
     scale = g.const(1.0 / np.sqrt(hd), np.float32)
 
     for i in range(cfg.n_layers):
-        b = f"model.transformer.blocks.{i}."
-        a, f = (b + "attn.", b + "mlp.") if cfg.layout == "molmoe" else (b, b)
-        h = x if cfg.norm_after else g.rms_norm(x, get(a + "attn_norm.weight"), cfg.norm_eps, a + "attn_norm")
+        a, f, an, fn = block_prefixes(cfg, i)
+        cos, sin = scaled if cfg.layer_rope_scaled(i) else plain
+        h = x if cfg.norm_after else g.rms_norm(x, get(an + "attn_norm.weight"), cfg.norm_eps, an + "attn_norm")
         qkv = g.linear(h, get(a + "att_proj.weight"), get(a + "att_proj.bias") if cfg.qkv_bias else None, a + "att_proj")
         q, k, v = g.op("Split", [qkv, g.const([cfg.q_dim, cfg.kv_dim, cfg.kv_dim])], n_out=3, axis=-1)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_per_head:
             q = g.rms_norm(q, get(a + "q_norm.weight"), cfg.norm_eps, a + "q_norm")
             k = g.rms_norm(k, get(a + "k_norm.weight"), cfg.norm_eps, a + "k_norm")
-        q = _rope(g, g.op("Reshape", [q, g.const([0, 0, nh, hd])]), cos, sin, hd)
-        k = _rope(g, g.op("Reshape", [k, g.const([0, 0, nkv, hd])]), cos, sin, hd)
+        q, k = g.op("Reshape", [q, g.const([0, 0, nh, hd])]), g.op("Reshape", [k, g.const([0, 0, nkv, hd])])
+        if cfg.qk_norm and cfg.qk_norm_per_head:  # Qwen3: RMSNorm over each head's hd channels
+            q = g.rms_norm(q, get(a + "q_norm.weight"), cfg.norm_eps, a + "q_norm")
+            k = g.rms_norm(k, get(a + "k_norm.weight"), cfg.norm_eps, a + "k_norm")
+        q, k = _rope(g, q, cos, sin, hd), _rope(g, k, cos, sin, hd)
         v = g.op("Reshape", [v, g.const([0, 0, nkv, hd])])
         g.output(k, f"new_key.{i}", F32, ["batch", "seq", nkv, hd])
         g.output(v, f"new_value.{i}", F32, ["batch", "seq", nkv, hd])
@@ -205,9 +237,9 @@ def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
         o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 3, 1, 2, 4]), g.const([0, 0, nh * hd])])
         att = g.linear(o, get(a + "attn_out.weight"), None, a + "attn_out")
         if cfg.norm_after:
-            att = g.rms_norm(att, get(a + "attn_norm.weight"), cfg.norm_eps, a + "attn_norm")
+            att = g.rms_norm(att, get(an + "attn_norm.weight"), cfg.norm_eps, an + "attn_norm")
         x = g.op("Add", [x, att])
-        h = x if cfg.norm_after else g.rms_norm(x, get(f + "ff_norm.weight"), cfg.norm_eps, f + "ff_norm")
+        h = x if cfg.norm_after else g.rms_norm(x, get(fn + "ff_norm.weight"), cfg.norm_eps, fn + "ff_norm")
         if cfg.is_moe:
             y = _moe(g, cfg, h, get, f)
         else:
@@ -215,7 +247,7 @@ def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
             value, gate = g.op("Split", [fused, g.const([cfg.ffn_inner, cfg.ffn_inner])], n_out=2, axis=-1)
             y = g.linear(g.op("Mul", [g.silu(gate), value]), get(f + "ff_out.weight"), None, f + "ff_out")
         if cfg.norm_after:
-            y = g.rms_norm(y, get(f + "ff_norm.weight"), cfg.norm_eps, f + "ff_norm")
+            y = g.rms_norm(y, get(fn + "ff_norm.weight"), cfg.norm_eps, fn + "ff_norm")
         x = g.op("Add", [x, y])
     x = g.op("Gather", [x, logit_pos], axis=1)  # only the positions whose logits are wanted
     x = g.rms_norm(x, get("model.transformer.ln_f.weight"), cfg.norm_eps, "model.transformer.ln_f")
