@@ -32,7 +32,8 @@ from molmo_edge.export.onnx_fused import build_decoder_fused
 from molmo_edge.export.onnx_graphs import build_decoder, build_vision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-REFERENCE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
+REFERENCE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "processor_config.json", "chat_template.jinja")  # last 3: Molmo2
 MAX_OPSET_TRT_10_3 = 20
 
 
@@ -75,12 +76,19 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
+        if fused and cfg.is_molmo2:
+            progress("[export] skipping decoder.fused: onnxruntime's GroupQueryAttention takes no custom mask, "
+                     "and Molmo2's prefill needs its image block")
+            fused = False
         if fused and cfg.head_dim % 16:
             progress(f"[export] skipping decoder.fused: onnxruntime's GroupQueryAttention needs head_dim % 16 == 0 "
                      f"(this model has {cfg.head_dim})")
             fused = False
         manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, _decoders(fused))
-        if check:
+        if check and cfg.is_molmo2:
+            from molmo_edge.export.molmo2_export import self_check_molmo2
+            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, check_layers)
+        elif check:
             manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
         if trt_check:  # runtime.tensorrt.check.check_for_export, passed in by the CLI (export does not import tensorrt/)
             manifest["tensorrt_check"] = trt_check(tmp)
@@ -163,25 +171,35 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
     emb.flush()
     del emb, base, extra
 
+    if cfg.is_molmo2:
+        from molmo_edge.export.molmo2_graphs import build_molmo2_vision as vision_graph
+    else:
+        vision_graph = build_vision
     graphs = {name: _write_graph(tmp, name, build, cfg, get, wdtype, opset, progress)
-              for name, build in [("vision", build_vision)] + decoders}
+              for name, build in [("vision", vision_graph)] + decoders}
     for f in TOKENIZER_FILES + REFERENCE_FILES:
         if os.path.exists(os.path.join(folder, f)):
             shutil.copy(os.path.join(folder, f), os.path.join(tmp, f))
     if not os.path.exists(os.path.join(tmp, "tokenizer.json")):
         raise MolmoEdgeError(f"{folder} has no tokenizer.json; add the checkpoint's tokenizer files and export again")
 
-    from molmo_edge.runtime.tokenizer import MolmoTokenizer
-    tok = MolmoTokenizer(tmp, cfg)
+    if cfg.is_molmo2:  # bos = eos = <|im_end|>; the image/frame ids are config.json's; the prompt is its chat template
+        tokens = {"bos": cfg.eos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id, "image": cfg.image_token_ids()}
+        prompt = {"template": "chat_template (Molmo2 processor)", "bos_prepended": True}
+    else:
+        from molmo_edge.runtime.tokenizer import MolmoTokenizer
+        tok = MolmoTokenizer(tmp, cfg)
+        tokens = {"bos": tok.bos_id, "eos": tok.eos_id, "image": {k: tok.image_token_ids[k] for k in IMAGE_TOKENS}}
+        prompt = {"message_format": cfg.preprocess.message_format, "always_start_with_space": cfg.preprocess.always_start_with_space,
+                  "template": " User: {prompt} Assistant:"}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"source": os.path.abspath(folder), "name": os.path.basename(os.path.normpath(folder)), "family": cfg.family,
                   "weights_sha256": digest.hexdigest(), "tensors_hashed": len(seen), "parameters": parameter_count(cfg)},
         "config": cfg.to_dict(),
-        "tokens": {"bos": tok.bos_id, "eos": tok.eos_id, "image": {k: tok.image_token_ids[k] for k in IMAGE_TOKENS}},
-        "prompt": {"message_format": cfg.preprocess.message_format, "always_start_with_space": cfg.preprocess.always_start_with_space,
-                   "template": " User: {prompt} Assistant:"},
+        "tokens": tokens,
+        "prompt": prompt,
         "preprocess": cfg.to_dict()["preprocess"],
         "embeddings": {"file": "embeddings.npy", "shape": [cfg.embedding_size + cfg.additional_vocab_size, cfg.d_model],
                        "dtype": np.dtype(wdtype).name},

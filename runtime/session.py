@@ -59,8 +59,9 @@ class Molmo:
         self.bundle = bundle
         self.cfg = bundle.config
         self.backend = backend
-        self.processor = MolmoProcessor(bundle.folder, self.cfg)
-        self.tokenizer = self.processor.tokenizer
+        # Molmo2 bundles use their own processor (runtime/molmo2_session.py makes it on first ask)
+        self.processor = None if self.cfg.is_molmo2 else MolmoProcessor(bundle.folder, self.cfg)
+        self.tokenizer = self.processor.tokenizer if self.processor else None
         self.embeddings = bundle.embeddings()
         self.cache = backend.new_cache()
         self._prefix: tuple[Any, np.ndarray] | None = None   # (image key, prefix ids) held in self.cache
@@ -112,6 +113,9 @@ class Molmo:
     # --- public API ----------------------------------------------------------------------------
     def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Logits [T, V] for every position (and image_features) of preprocessed inputs, in one pass."""
+        if self.cfg.is_molmo2:
+            from molmo_edge.runtime import molmo2_session
+            return molmo2_session.forward(self, inputs)
         ids = inputs["input_ids"].astype(np.int64).reshape(-1)
         out: dict[str, np.ndarray] = {}
         feats = None
@@ -128,8 +132,17 @@ class Molmo:
     def ask(self, prompt: str, image: Any = None, *, max_new_tokens: int = 200, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), max_crops: int | None = None,
             bgr: bool = False, history: Sequence[tuple[str, str]] = (),
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        """Answer one question (about an image, or text only). Greedy unless temperature > 0."""
+            on_text: Callable[[str], None] | None = None, **molmo2_kw: Any) -> Answer:
+        """Answer one question (about an image, or text only). Greedy unless temperature > 0.
+        Molmo2 also takes `images=[...]` (several) or `video=` (file, .npz, frames) as keyword arguments."""
+        if self.cfg.is_molmo2:
+            from molmo_edge.runtime import molmo2_session
+            media = molmo2_kw.pop("images", None) or ([] if image is None else [image])
+            return molmo2_session.ask(self, prompt, media, molmo2_kw.pop("video", None), max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, seed=seed, stop=stop, max_crops=max_crops,
+                                      bgr=bgr, history=history, on_text=on_text)
+        if molmo2_kw:
+            raise TypeError(f"ask() got unexpected arguments {sorted(molmo2_kw)} (images/video are for Molmo2 bundles)")
         timings: dict[str, float] = {}
         entry = None
         key: Any = None

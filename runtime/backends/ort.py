@@ -53,10 +53,17 @@ class OrtBackend:
         from molmo_edge.runtime.backends.ort_device import device_decoder
         self.device_io = None if device_io is False else device_decoder(ort, self.sessions["decoder"], self.cfg,
                                                                           self.kv_layout, force=bool(device_io))
+        self._takes_token_types = any(i.name == "token_types" for i in self.sessions["decoder"].get_inputs())
 
     def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
         return self.sessions["vision"].run(["image_features"], {"images": np.ascontiguousarray(images, np.float32),
                                                                 "image_masks": np.ascontiguousarray(image_masks, np.float32)})[0]
+
+    def vision_pooled(self, pixel_values: np.ndarray, pooling: np.ndarray) -> np.ndarray:
+        """Molmo2: crops [N, 729, 588] + pooling index [M, k] (-1 = empty) -> features [M, d]."""
+        return self.sessions["vision"].run(["image_features"], {
+            "pixel_values": np.ascontiguousarray(pixel_values, np.float32).reshape(-1, *np.shape(pixel_values)[-2:]),
+            "pooling": np.ascontiguousarray(pooling, np.int64).reshape(-1, np.shape(pooling)[-1])})[0]
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
@@ -65,14 +72,24 @@ class OrtBackend:
             return self.device_io.new_cache(n)
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
 
-    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray) -> np.ndarray:
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray,
+                    token_types: np.ndarray | None = None) -> np.ndarray:
+        """token_types [1, T] (Molmo2 decoders only): 1 marks image/frame tokens, which see each other at
+        prefill; None = all text (causal)."""
+        types = None
+        if self._takes_token_types:
+            t = embeds.shape[1]
+            types = np.ascontiguousarray(np.zeros((1, t), np.int64) if token_types is None else token_types,
+                                         np.int64).reshape(1, t)
         if self.device_io is not None:
-            return self.device_io.run(embeds, positions, cache, logit_positions)
+            return self.device_io.run(embeds, positions, cache, logit_positions, token_types=types)
         t = embeds.shape[1]
         cache.reserve(t)
         sess = self.sessions["decoder"]
         io = sess.io_binding()
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
+        if types is not None:
+            io.bind_cpu_input("token_types", types)
         io.bind_cpu_input("logit_positions", np.ascontiguousarray(logit_positions, np.int64))
         if self.kv_layout == "bnsh-shared":
             # positions are implied by the cache length (RoPE inside GroupQueryAttention)

@@ -104,7 +104,9 @@ class DeviceDecoder:
         io.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(arr, p.device, p.device_id))
         self.copies.append(("h2d", name, int(arr.nbytes)))
 
-    def run(self, embeds: np.ndarray, positions: np.ndarray, cache: OrtDeviceKVCache, logit_positions: np.ndarray) -> np.ndarray:
+    def run(self, embeds: np.ndarray, positions: np.ndarray, cache: OrtDeviceKVCache, logit_positions: np.ndarray,
+            token_types: np.ndarray | None = None) -> np.ndarray:
+        """token_types: Molmo2 decoders' [1, T] int64 input (the prefix mask), uploaded like the other step inputs."""
         if not isinstance(cache, OrtDeviceKVCache):
             raise MolmoEdgeError("this onnxruntime backend keeps its KV cache on the GPU: use backend.new_cache()")
         t = int(embeds.shape[1])
@@ -113,6 +115,8 @@ class DeviceDecoder:
         self.copies = []
         self._up(io, "inputs_embeds", np.ascontiguousarray(embeds, np.float32))
         self._up(io, "logit_positions", np.ascontiguousarray(logit_positions, np.int64))
+        if token_types is not None:
+            self._up(io, "token_types", token_types)
         if p.kv_layout == "bnsh-shared":
             total = cache.length + t
             self._up(io, "seqlens_k", np.array([total - 1], np.int32))

@@ -1,0 +1,96 @@
+"""Molmo2 bundles: export (vision graph with the pooling index, decoder with token_types), the
+onnxruntime runtime against the golden outputs, cached generation and prefix reuse, check-trt."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from molmo_edge.export.bundle import export_bundle  # noqa: E402
+from molmo_edge.runtime.generate import GenerationOptions  # noqa: E402
+from molmo_edge.runtime.molmo2_session import generate_tokens  # noqa: E402
+from molmo_edge.runtime.session import Molmo  # noqa: E402
+
+CASES = ("chelsea_point", "video_pan", "text_only")
+quiet = dict(progress=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def m2golden(golden):
+    root = golden / "molmo2"
+    if not (root / "ckpt-qwen3-tiny" / "model.safetensors").exists():
+        pytest.skip(f"Molmo2 golden data not found under {root}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def golden_bundle(m2golden, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m2b") / "bundle"
+    manifest = export_bundle(str(m2golden / "ckpt-qwen3-tiny"), str(out), **quiet)
+    return str(out), manifest
+
+
+def test_manifest_graphs_and_tensorrt_check(golden_bundle):
+    _, manifest = golden_bundle
+    g = manifest["graphs"]
+    assert set(g) == {"vision", "decoder"}  # no decoder.fused: GroupQueryAttention takes no custom mask
+    assert [i["name"] for i in g["vision"]["inputs"]] == ["pixel_values", "pooling"]
+    assert g["vision"]["dynamic_axes"]["pooling"] == {0: "tokens", 1: "window"}
+    assert "token_types" in [i["name"] for i in g["decoder"]["inputs"]]
+    assert manifest["parity"]["max_abs_logit_diff"] < 1e-3
+    for version in ("10.3", "10.13"):
+        assert manifest["tensorrt_check"][version]["ok"], manifest["tensorrt_check"][version]["problems"]
+    assert manifest["tokens"]["eos"] == 151645 and manifest["tokens"]["image"]["<im_patch>"] == 151938
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_forward_onnxruntime_matches_golden(m2golden, golden_bundle, tmp_path, case):
+    from molmo_edge.runtime.cli.main import main
+
+    out = tmp_path / "out.npz"
+    assert main(["forward", golden_bundle[0], "--inputs", str(m2golden / "cases" / f"{case}.preprocess.npz"),
+                 "-o", str(out), "--backend", "onnxruntime"]) == 0
+    got, ref = np.load(out), np.load(m2golden / "cases" / "q3" / f"{case}.forward.npz")
+    assert got["logits"].dtype == np.float32 and got["logits"].shape == ref["logits"].shape
+    assert np.abs(got["logits"] - ref["logits"]).max() < 1e-3
+    assert ("image_features" in got.files) == ("image_features" in ref.files)
+    if "image_features" in ref.files:
+        np.testing.assert_allclose(got["image_features"], ref["image_features"], rtol=1e-4, atol=1e-3)
+
+
+def test_cached_generation_matches_golden_and_reuses_the_prefix(m2golden, golden_bundle):
+    m = Molmo.load(golden_bundle[0])
+    opts = GenerationOptions(max_new_tokens=8)
+    for case in CASES:
+        pre = np.load(m2golden / "cases" / f"{case}.preprocess.npz")
+        arrays = {k: pre[k] for k in pre.files if pre[k].dtype != object and pre[k].dtype.kind != "U"}
+        want = json.loads((m2golden / "cases" / "q3" / f"{case}.generate.json").read_text())["token_ids"]
+        tokens, reason, _ = generate_tokens(m, arrays, opts)
+        assert (tokens, reason) == (want, "length"), case
+        runs, prefills = m.stats["vision_runs"], m.stats["prefix_prefills"]
+        again, _, timings = generate_tokens(m, arrays, opts)  # same pixels and prefix: no vision, no image prefill
+        assert again == want and (m.stats["vision_runs"], m.stats["prefix_prefills"]) == (runs, prefills)
+        assert timings["vision"] == 0.0
+
+
+def test_olmo_backbone_bundle_matches_torch(tmp_path):
+    """YaRN on layer 3 only, post-norm and full-width q/k norm through the decoder graph (the export self-check
+    compares it with the torch model, which the numpy reference checks in test_molmo2_model.py)."""
+    import torch
+
+    from molmo_edge.export.checkpoint import load_reference_model
+    from molmo_edge.export.molmo2_export import check_request
+    from molmo_edge.export.synthetic import make_random_checkpoint
+
+    ckpt = make_random_checkpoint(str(tmp_path / "ckpt"), "molmo2-o-7b", seed=5)
+    manifest = export_bundle(ckpt, str(tmp_path / "b"), **quiet)
+    assert manifest["parity"]["max_abs_logit_diff"] < 1e-3 and list(manifest["config"]["rope_scaling_layers"]) == [3]
+    model, cfg, _ = load_reference_model(ckpt)
+    inputs = check_request(cfg, seed=3)
+    inputs["input_ids"] = np.concatenate([inputs["input_ids"], np.arange(50, 90)[None]], 1)  # longer: YaRN bites
+    inputs["mm_token_type_ids"] = np.pad(inputs["mm_token_type_ids"], ((0, 0), (0, 40)))
+    got = Molmo.load(str(tmp_path / "b")).forward(inputs)
+    with torch.no_grad():
+        want = model(**inputs).logits[0].numpy()
+    assert np.abs(got["logits"] - want).max() < 1e-3
