@@ -160,19 +160,25 @@ def cmd_ask(a: argparse.Namespace) -> int:
     if not prompts:
         raise MolmoEdgeError("no question given: molmo-edge ask MODEL [--image IMG] \"What is in the picture?\"")
     backend = _backend_for(folder, a.backend)
+    images = a.image or []
+    molmo2 = _is_molmo2(folder)
+    if not molmo2 and (len(images) > 1 or a.video):
+        raise MolmoEdgeError("several --image or a --video need a Molmo2 model; Molmo (v1) takes one image per question")
     if backend == "torch":
-        return _ask_torch(a, folder, prompts)
+        return _ask_torch_molmo2(a, folder, prompts) if molmo2 else _ask_torch(a, folder, prompts)
     from molmo_edge.runtime.preprocess import load_image
     m = _runtime(folder, backend, a.precision)
-    rgb = load_image(a.image) if a.image else None
+    rgbs = [load_image(i) for i in images]
+    rgb = rgbs[0] if rgbs else None
+    media = {"images": rgbs, "video": a.video} if molmo2 else {}
     stream = a.stream and not a.json
     last = None
     for prompt in prompts:
         if len(prompts) > 1 and not a.json:
             print(f"Q: {prompt}\nA: ", end="", flush=True)
         on_text = (lambda piece: print(piece, end="", flush=True)) if stream else None
-        ans = m.ask(prompt, rgb, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                    stop=a.stop or (), max_crops=a.max_crops, on_text=on_text)
+        ans = m.ask(prompt, None if molmo2 else rgb, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_p=a.top_p, seed=a.seed, stop=a.stop or (), max_crops=a.max_crops, on_text=on_text, **media)
         last = ans
         if a.json:
             d = ans.to_dict()
@@ -186,8 +192,49 @@ def cmd_ask(a: argparse.Namespace) -> int:
         if rgb is None:
             raise MolmoEdgeError("--overlay needs --image: there is nothing to draw on")
         from molmo_edge.runtime.overlay import save_overlay
-        save_overlay(a.overlay, rgb, last.points, last.text)
-        say(f"wrote {a.overlay} ({len(last.points)} points)")
+        shown = [p for p in last.points if getattr(p, "image", None) in (None, 0)]  # the first image's points
+        save_overlay(a.overlay, rgb, shown, last.text)
+        say(f"wrote {a.overlay} ({len(shown)} points)")
+    return 0
+
+
+def _is_molmo2(folder: str) -> bool:
+    from .. import bundle as _bundle
+    from ..config import load_config
+    if _bundle.is_bundle(folder):
+        return _bundle.load_bundle(folder).config.is_molmo2
+    return load_config(folder).is_molmo2
+
+
+def _ask_torch_molmo2(a: argparse.Namespace, folder: str, prompts: list[str]) -> int:
+    """The torch reference on a Molmo2 checkpoint: the Molmo2 processor's arrays -> greedy generation."""
+    from molmo_edge.runtime.molmo2_processor import Molmo2Processor
+    from molmo_edge.runtime.pointing import VideoTimeline, parse_count, parse_points
+    proc = Molmo2Processor(folder)
+    model, cfg = _torch_model(folder)
+    t0 = time.perf_counter()
+    images = [proc.image(i, max_crops=a.max_crops) for i in a.image or []]
+    video = proc.video(a.video) if a.video else None
+    t_pre = time.perf_counter() - t0
+    for prompt in prompts:
+        req = proc.prepare(prompt, images, video)
+        arrays = dict(req.arrays)
+        t1 = time.perf_counter()
+        tokens = model.generate(arrays.pop("input_ids"), max_new_tokens=a.max_new_tokens, eos_token_id=cfg.eos_token_id,
+                                **arrays)
+        t_gen = time.perf_counter() - t1
+        text = proc.tokenizer.decode(tokens).strip()
+        timeline = None
+        if video is not None:
+            timeline = VideoTimeline(video.size[1], video.size[0], video.timestamps, video.frame_indices)
+        points = parse_points(text, images=req.image_sizes, video=timeline)
+        if a.json:
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens, "points": [p.to_dict() for p in points],
+                              "count": parse_count(text, points), "prompt_tokens": int(req.arrays["input_ids"].size),
+                              "backend": "torch",
+                              "timings": {"preprocess": round(t_pre * 1e3, 2), "generate": round(t_gen * 1e3, 2)}}))
+        else:
+            print(text if len(prompts) == 1 else f"Q: {prompt}\nA: {text}")
     return 0
 
 
@@ -197,7 +244,7 @@ def _ask_torch(a: argparse.Namespace, folder: str, prompts: list[str]) -> int:
     proc = _processor(folder)
     model, cfg = _torch_model(folder)
     t0 = time.perf_counter()
-    crops = proc.image(a.image, max_crops=a.max_crops) if a.image else None
+    crops = proc.image(a.image[0], max_crops=a.max_crops) if a.image else None
     t_pre = time.perf_counter() - t0
     for prompt in prompts:
         inputs = proc.process(prompt, crops=crops)
@@ -321,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt", nargs="?", help="the question")
     s.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="another question about the same image (repeatable; the image is preprocessed once)")
-    s.add_argument("--image", help="image file; omit for a text-only question")
+    s.add_argument("--image", action="append", metavar="IMG",
+                   help="image file; omit for a text-only question (Molmo2: repeat for several images)")
+    s.add_argument("--video", metavar="V", help="Molmo2: a video file, or an .npz with `frames` [T, H, W, 3] uint8 and `fps`")
     s.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
     s.add_argument("--max-crops", type=int, default=None, help="most high-res crops per image (fewer = faster)")
     add_runtime_options(s, ("torch", "onnxruntime", "tensorrt"))
