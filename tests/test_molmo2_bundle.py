@@ -94,3 +94,23 @@ def test_olmo_backbone_bundle_matches_torch(tmp_path):
     with torch.no_grad():
         want = model(**inputs).logits[0].numpy()
     assert np.abs(got["logits"] - want).max() < 1e-3
+
+
+def test_ask_images_and_video_through_the_processor(m2golden, golden_bundle, capsys):
+    """Raw image / video -> Molmo2 processor -> bundle: the golden greedy tokens, and a second question about the
+    same picture costs no vision pass and no image prefill."""
+    pytest.importorskip("molmo_edge.runtime.molmo2_processor", reason="needs the Molmo2 processor (runtime/molmo2_processor.py)")
+    from molmo_edge.runtime.cli.main import main
+
+    want = {c: json.loads((m2golden / "cases" / "q3" / f"{c}.generate.json").read_text())["token_ids"]
+            for c in ("chelsea_point", "video_pan")}
+    m = Molmo.load(golden_bundle[0])
+    image = str(m2golden / "inputs" / "chelsea.png")
+    a = m.ask("Point to the eyes.", images=[image], max_new_tokens=8)
+    assert a.token_ids == want["chelsea_point"] and a.prompt_tokens == 564 and a.image_size == (451, 300)
+    m.ask("How many eyes?", images=[image], max_new_tokens=2)
+    assert (m.stats["vision_runs"], m.stats["prefix_prefills"]) == (1, 1)
+    assert main(["ask", golden_bundle[0], "Describe this video.", "--video", str(m2golden / "inputs" / "video_astronaut_pan.npz"),
+                 "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["token_ids"] == want["video_pan"] and out["prompt_tokens"] == 716 and out["backend"] == "onnxruntime"
