@@ -417,7 +417,7 @@ def build_model(cfg: MolmoConfig, tensors, dtype: torch.dtype = torch.float32) -
     """Assemble the model from `tensors` (name -> torch tensor, any float dtype; read lazily) without
     first allocating random weights. Molmo2 configs get the Molmo2 model (export/molmo2_model.py)."""
     if cfg.is_molmo2:
-        from .molmo2_model import Molmo2Model, molmo2_source_names
+        from molmo_edge.export.molmo2_model import Molmo2Model, molmo2_source_names
         model_cls, names = Molmo2Model, molmo2_source_names(cfg)
     else:
         model_cls, names = MolmoModel, hf_source_names(cfg)

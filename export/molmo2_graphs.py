@@ -16,8 +16,8 @@ import numpy as np
 
 from molmo_edge.runtime.config import MolmoConfig
 
-from .graph import GraphBuilder
-from .onnx_graphs import F32, I64, NEG, Get, _mha
+from molmo_edge.export.graph import GraphBuilder
+from molmo_edge.export.onnx_graphs import F32, I64, NEG, Get, _mha
 
 V = "model.vision_backbone."
 

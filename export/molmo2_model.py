@@ -17,7 +17,7 @@ from molmo_edge.runtime.config import MolmoConfig
 from molmo_edge.runtime.prefix_mask import mm_token_types, prefix_mask
 from molmo_edge.runtime.hf_names import lm_head_name
 
-from .model import Block, ForwardOutput, MolmoModel, RMSNorm, VitAttention, decoder_source_names
+from molmo_edge.export.model import Block, ForwardOutput, MolmoModel, RMSNorm, VitAttention, decoder_source_names
 
 
 class SiglipBlock(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import MolmoConfig
+from molmo_edge.runtime.config import MolmoConfig
 
 MM_TOKENS = ("<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
              "<frame_end>", "<im_low>")

@@ -27,7 +27,8 @@ def m2golden(golden):
 @pytest.fixture(scope="module")
 def golden_bundle(m2golden, tmp_path_factory):
     out = tmp_path_factory.mktemp("m2b") / "bundle"
-    manifest = export_bundle(str(m2golden / "ckpt-qwen3-tiny"), str(out), **quiet)
+    from molmo_edge.runtime.tensorrt.check import check_for_export
+    manifest = export_bundle(str(m2golden / "ckpt-qwen3-tiny"), str(out), trt_check=check_for_export, **quiet)
     return str(out), manifest
 
 

@@ -199,10 +199,10 @@ def cmd_ask(a: argparse.Namespace) -> int:
 
 
 def _is_molmo2(folder: str) -> bool:
-    from .. import bundle as _bundle
-    from ..config import load_config
-    if _bundle.is_bundle(folder):
-        return _bundle.load_bundle(folder).config.is_molmo2
+    from molmo_edge.runtime.bundle import is_bundle, load_bundle
+    from molmo_edge.runtime.config import load_config
+    if is_bundle(folder):
+        return load_bundle(folder).config.is_molmo2
     return load_config(folder).is_molmo2
 
 
