@@ -87,7 +87,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, _decoders(fused))
         if check and cfg.is_molmo2:
             from molmo_edge.export.molmo2_export import self_check_molmo2
-            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, check_layers)
+            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, check_layers, opset)
         elif check:
             manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
         if trt_check:  # runtime.tensorrt.check.check_for_export, passed in by the CLI (export does not import tensorrt/)

@@ -26,24 +26,32 @@ def check_request(cfg: MolmoConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def self_check_molmo2(bundle_dir: str, folder: str, cfg: MolmoConfig, dtype: str, progress: Callable[[str], None],
-                      check_layers: int | None = None) -> dict:
+                      check_layers: int | None = None, opset: int = 18) -> dict:
+    """As the v1 check: models larger than memory are checked on their first decoder layers (all of vision)."""
+    import shutil
+
     import torch
 
-    from molmo_edge.export.bundle import check_layer_budget
+    from molmo_edge.export.bundle import _check_bundle, check_layer_budget
     from molmo_edge.export.checkpoint import WeightSource
     from molmo_edge.export.model import build_model
     from molmo_edge.runtime.session import Molmo
 
     layers = min(cfg.n_layers, check_layers or check_layer_budget(cfg))
+    source = WeightSource(folder)
+    target = bundle_dir
     if layers < cfg.n_layers:
-        raise MolmoEdgeError(f"checking a Molmo2 bundle on its first {layers} of {cfg.n_layers} layers is not supported yet; "
-                             "export on a machine with more memory or pass --no-check")
+        progress(f"[export] the full check needs more memory than this machine has: checking the vision graph and "
+                 f"the first {layers} of {cfg.n_layers} decoder layers")
+        target = _check_bundle(bundle_dir, cfg, source, np.float16 if dtype == "fp16" else np.float32, opset, layers, progress)
     progress("[export] checking the ONNX graphs against the torch model ...")
     inputs = check_request(cfg)
-    runtime = Molmo.load(bundle_dir, fused=False)
+    runtime = Molmo.load(target, fused=False)
     got = runtime.forward(inputs)
     del runtime
-    model = build_model(cfg, WeightSource(folder))
+    if target != bundle_dir:
+        shutil.rmtree(target)
+    model = build_model(cfg.with_(n_layers=layers), source)
     with torch.no_grad():
         ref = model(**inputs)
     del model
