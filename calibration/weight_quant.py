@@ -249,6 +249,8 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
             feeds[f"past_{kind}.{i}"] = np.zeros((1, 0, cfg.n_kv_heads, cfg.head_dim), np.float32)
+    if cfg.is_molmo2:  # its decoder takes the token types of the prefix mask (text here)
+        feeds["token_types"] = np.zeros((1, positions), np.int64)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     out = {}

@@ -95,6 +95,12 @@ def test_olmo_backbone_bundle_matches_torch(tmp_path):
     with torch.no_grad():
         want = model(**inputs).logits[0].numpy()
     assert np.abs(got["logits"] - want).max() < 1e-3
+    # weight-only INT4 decoder: same inputs (token_types included), the runtime picks it by precision
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
+    quantize_decoder_weights(str(tmp_path / "b"), 4, block_size=32, progress=lambda *_: None)
+    q = Molmo.load(str(tmp_path / "b"), precision="int4")
+    assert q.backend.graphs["decoder"] == "decoder.int4"
+    assert np.isfinite(q.forward(inputs)["logits"]).all()
     # larger than memory: the self-check runs on the first decoder layers only (here 2 of 4)
     short = export_bundle(ckpt, str(tmp_path / "b2"), check_layers=2, **quiet)["parity"]
     assert (short["decoder_layers_checked"], short["decoder_layers"]) == (2, 4) and short["max_abs_logit_diff"] < 1e-3
