@@ -387,7 +387,10 @@ def molmo2_config_from_hf(cfg: dict[str, Any], preprocessor: dict[str, Any] | No
         if adapter.get("text_hidden_size", d) != d:
             raise ConfigError(f"adapter_config text_hidden_size {adapter['text_hidden_size']} != text_config hidden_size {d}")
         proc = preprocessor or {}
+        side = vision.patches_per_side[0]
+        pool = tuple(proc.get("pooling_size", (2, 2)))
         pre = replace(PreprocessConfig(), max_crops=proc.get("max_crops", 8),
+                      image_token_length_h=-(-side // pool[0]), image_token_length_w=-(-side // pool[1]),  # 14 x 14 per crop
                       overlap_margins=tuple(proc.get("overlap_margins", (4, 4))),
                       image_mean=tuple(proc.get("image_mean", (0.5, 0.5, 0.5))),
                       image_std=tuple(proc.get("image_std", (0.5, 0.5, 0.5))))

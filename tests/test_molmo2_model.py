@@ -221,3 +221,24 @@ def test_cli_forward_torch_writes_golden_logits(m2golden, tmp_path, case):
     assert got["logits"].dtype == np.float32 and got["logits"].shape == ref["logits"].shape
     assert np.abs(got["logits"] - ref["logits"]).max() < 1e-3
     np.testing.assert_allclose(got["image_features"], ref["image_features"], rtol=1e-4, atol=1e-3)
+
+
+def test_plan_and_engine_profiles_cover_molmo2():
+    """`plan` for Molmo2-4B/8B on every Jetson in the table; TensorRT profiles carry the new inputs."""
+    from molmo_edge.runtime.backends.trt_engines import (decoder_profiles, molmo2_image_tokens, vision_profiles)
+    from molmo_edge.runtime.device.plan import PlanSettings, make_plan
+    from molmo_edge.runtime.device.targets import DEVICES
+
+    four = config_from_hf(molmo2_family_config("molmo2-4b", "full"))
+    assert molmo2_image_tokens(four, 1, 2) == (518, 550)  # the golden chelsea image: 518 <im_patch>, T = 550 + text
+    assert four.tokens_per_crop == 196
+    for family in ("molmo2-4b", "molmo2-8b"):
+        cfg = config_from_hf(molmo2_family_config(family, "full"))
+        for dev in DEVICES.values():
+            plan = make_plan(cfg, dev, PlanSettings(precision="int4", max_crops=8, max_seq=4096))
+            assert plan.total_gib > 0 and plan.floors_ms["decode_per_token"] > 0
+    nano = make_plan(four, DEVICES["orin-nano-8gb"], PlanSettings(precision="int4", max_crops=8, max_seq=4096))
+    assert nano.fits and nano.memory_gib["decoder weights (int4)"] < 2.5
+    (vp,) = vision_profiles(four, 8)
+    assert set(vp.shapes) == {"pixel_values", "pooling"} and vp.shapes["pooling"].max[1] == 9
+    assert all("token_types" in p.shapes for p in decoder_profiles(four, 4096, 8))

@@ -107,11 +107,35 @@ def _check_limits(cfg, max_crops: int, max_seq: int, max_logits: int) -> None:
         raise BuildConfigError(f"--max-logits {max_logits} must be between 1 and --max-seq {max_seq}")
 
 
+def molmo2_image_tokens(cfg, rows: int, cols: int) -> tuple[int, int]:
+    """(pooled tokens, prompt tokens) of one Molmo2 image tiled rows x cols (molmo2-spec.md §5-6): the
+    low-res view pooled to ceil(P/2)^2, the high-res canvas of rows*(P-2m)+2m patches per side pooled
+    likewise; a column token after every row, start and end tokens per block."""
+    side = cfg.vision.patches_per_side[0]
+    ph, pw = cfg.image_pooling
+    m = sum(cfg.preprocess.overlap_margins)
+    lo_h, lo_w = -(-side // ph), -(-side // pw)
+    hi_h, hi_w = -(-(rows * (side - m) + m) // ph), -(-(cols * (side - m) + m) // pw)
+    pooled = lo_h * lo_w + hi_h * hi_w
+    return pooled, pooled + lo_h + hi_h + 4
+
+
+def molmo2_max_image(cfg, max_crops: int) -> tuple[int, int]:
+    """(pooled tokens, prompt tokens) of the largest tiling with at most max_crops crops."""
+    return max(molmo2_image_tokens(cfg, r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops // r + 1))
+
+
 def vision_profiles(cfg, max_crops: int) -> list[Profile]:
     """One profile over the crop count: 1 .. max_crops + 1 (the global view comes on top of the crops);
-    optimised for the maximum, which is what a camera frame at the default crops produces."""
+    optimised for the maximum, which is what a camera frame at the default crops produces.
+    Molmo2: crops as above and the pooling index [tokens, window], window 4 (2x2 images) .. 9 (3x3 video)."""
     n = max_crops + 1
     v = cfg.vision
+    if cfg.is_molmo2:
+        tokens = molmo2_max_image(cfg, max_crops)[0]
+        return [Profile("crops", {"pixel_values": ShapeRange((1, v.num_patches, v.patch_dim), (n, v.num_patches, v.patch_dim),
+                                                             (n, v.num_patches, v.patch_dim)),
+                                  "pooling": ShapeRange((1, 4), (tokens, 4), (tokens, 9))})]
     return [Profile("crops", {"images": ShapeRange((1, v.num_patches, v.patch_dim), (n, v.num_patches, v.patch_dim),
                                                    (n, v.num_patches, v.patch_dim)),
                               "image_masks": ShapeRange((1, v.num_patches), (n, v.num_patches), (n, v.num_patches))})]
@@ -127,6 +151,8 @@ def _typical_prefill(cfg, max_crops: int) -> int:
     import numpy as np
 
     from molmo_edge.runtime.preprocess import preprocess_image
+    if cfg.is_molmo2:  # sized for the largest tiling (the v1 processor does not tile Molmo2 frames)
+        return 1 + molmo2_max_image(cfg, max_crops)[1]
     frame = np.zeros((480, 640, 3), np.uint8)
     return 1 + len(preprocess_image(frame, cfg, max_crops=max_crops).image_tokens)
 
@@ -134,6 +160,8 @@ def _typical_prefill(cfg, max_crops: int) -> int:
 def max_image_tokens(cfg, max_crops: int) -> int:
     """An upper bound of the image tokens of any image at `max_crops`: the global block plus a grid of at
     most max_crops crops, each at most tok_h rows of tok_w patches + a column token, plus start/end tokens."""
+    if cfg.is_molmo2:
+        return molmo2_max_image(cfg, max_crops)[1]
     p = cfg.preprocess
     block = p.image_token_length_h * (p.image_token_length_w + 1)
     return (max_crops + 1) * block + 4
@@ -164,6 +192,8 @@ def decoder_profiles(cfg, max_seq: int, max_crops: int, max_extend: int = DEFAUL
         for i in range(cfg.n_layers):
             for kind in ("key", "value"):
                 s[f"past_{kind}.{i}"] = ShapeRange(*((1, x, kv, hd) for x in p))
+        if cfg.is_molmo2:  # the prefix mask's token types, one per new token
+            s["token_types"] = ShapeRange(*((1, x) for x in t))
         return s
 
     k_pre = min(max_logits, pre)
@@ -178,6 +208,8 @@ def decoder_call_shapes(cfg, t: int, past: int, k: int) -> dict[str, tuple[int, 
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
             s[f"past_{kind}.{i}"] = (1, past, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.is_molmo2:
+        s["token_types"] = (1, t)
     return s
 
 
@@ -225,6 +257,9 @@ def nbytes(shape: Sequence[int], dtype: str) -> int:
 def vision_buffers(cfg, profiles: Sequence[Profile]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Device buffers of the vision engine at the profile maxima: name -> (shape, dtype)."""
     mx = profile_max(profiles)
+    if cfg.is_molmo2:
+        return {"pixel_values": (mx["pixel_values"], "float32"), "pooling": (mx["pooling"], "int64"),
+                "image_features": ((mx["pooling"][0], cfg.d_model), "float32")}
     n = mx["images"][0]
     return {"images": (mx["images"], "float32"), "image_masks": (mx["image_masks"], "float32"),
             "image_features": ((n, cfg.tokens_per_crop, cfg.d_model), "float32")}
@@ -235,8 +270,11 @@ def decoder_buffers(cfg, profiles: Sequence[Profile]) -> dict[str, tuple[tuple[i
     name -> (shape, dtype), at the profile maxima."""
     mx = profile_max(profiles)
     k = mx["logit_positions"][0]
-    return {"inputs_embeds": (mx["inputs_embeds"], "float32"), "position_ids": (mx["position_ids"], "int64"),
-            "logit_positions": (mx["logit_positions"], "int64"), "logits": ((1, k, cfg.embedding_size), "float32")}
+    out = {"inputs_embeds": (mx["inputs_embeds"], "float32"), "position_ids": (mx["position_ids"], "int64"),
+           "logit_positions": (mx["logit_positions"], "int64"), "logits": ((1, k, cfg.embedding_size), "float32")}
+    if cfg.is_molmo2:
+        out["token_types"] = (mx["token_types"], "int64")
+    return out
 
 
 def kv_cache_bytes(cfg, max_len: int, dtype: str = "float32") -> int:
