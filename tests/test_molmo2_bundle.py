@@ -124,3 +124,28 @@ def test_ask_images_and_video_through_the_processor(m2golden, golden_bundle, cap
                  "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["token_ids"] == want["video_pan"] and out["prompt_tokens"] == 716 and out["backend"] == "onnxruntime"
+
+
+def test_tensorrt_backend_bookkeeping_with_stand_ins(m2golden, golden_bundle, tmp_path):
+    """Engines built through the TensorRT layer against test_trt_backend's stand-ins (their engines run the ONNX
+    graphs with onnxruntime and refuse shapes outside the active profile): profiles, buffers and the
+    token_types / pooling bindings are right, and the golden tokens come out (not TensorRT itself)."""
+    import shutil
+
+    from test_trt_backend import FakeCuda, FakeTrt, _build
+
+    from molmo_edge.runtime.backends.trt import TrtBackend
+    from molmo_edge.runtime.bundle import load_bundle
+
+    folder = str(tmp_path / "bundle")
+    shutil.copytree(golden_bundle[0], folder)
+    cuda = FakeCuda()
+    _build(folder, cuda=cuda, max_crops=3, max_seq=1024)
+    bundle = load_bundle(folder)
+    m = Molmo(bundle, TrtBackend(bundle, _trt=FakeTrt(cuda), _cuda=cuda))
+    for case in ("chelsea_point", "text_only"):
+        pre = np.load(m2golden / "cases" / f"{case}.preprocess.npz")
+        arrays = {k: pre[k] for k in pre.files if pre[k].dtype.kind != "U"}
+        want = json.loads((m2golden / "cases" / "q3" / f"{case}.generate.json").read_text())["token_ids"]
+        assert generate_tokens(m, arrays, GenerationOptions(max_new_tokens=8))[0] == want
+    m.backend.close()

@@ -61,9 +61,13 @@ def dtype_name(dt: Any) -> str:
 
 def expected_io(cfg, role: str) -> tuple[dict[str, str], dict[str, str]]:
     """(inputs, outputs) name -> dtype an engine built from the bundle's graph must have."""
+    molmo2 = getattr(cfg, "is_molmo2", False)
     if role == "vision":
-        return {"images": "float32", "image_masks": "float32"}, {"image_features": "float32"}
+        ins = {"pixel_values": "float32", "pooling": "int64"} if molmo2 else {"images": "float32", "image_masks": "float32"}
+        return ins, {"image_features": "float32"}
     ins = {"inputs_embeds": "float32", "position_ids": "int64", "logit_positions": "int64"}
+    if molmo2:
+        ins["token_types"] = "int64"
     outs = {"logits": "float32"}
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
@@ -258,12 +262,28 @@ class TrtBackend:
         c.sync(s)
         return out.copy()
 
+    def vision_pooled(self, pixel_values: np.ndarray, pooling: np.ndarray) -> np.ndarray:
+        """Molmo2: crops [N, 729, 588] + pooling index [M, k] -> features [M, d]."""
+        pixels = np.asarray(pixel_values, np.float32).reshape(-1, *np.shape(pixel_values)[-2:])
+        pool = np.asarray(pooling, np.int64).reshape(-1, np.shape(pooling)[-1])
+        shapes = {"pixel_values": tuple(pixels.shape), "pooling": tuple(pool.shape)}
+        profile = select_profile(self._vision.profiles, shapes)
+        b, c, s = self._vbuf, self.cuda, self.stream
+        c.h2d(b.dev["pixel_values"], b.stage("pixel_values", pixels), s)
+        c.h2d(b.dev["pooling"], b.stage("pooling", pool), s)
+        self._vision.run(shapes, {n: b.dev[n] for n in ("pixel_values", "pooling", "image_features")}, profile)
+        out = b.view("image_features", (pool.shape[0], self.cfg.d_model))
+        c.d2h(out, b.dev["image_features"], s)
+        c.sync(s)
+        return out.copy()
+
     def new_cache(self, max_len: int | None = None) -> DeviceKVCache:
         c = self.cfg
         return DeviceKVCache(self.cuda, c.n_layers, c.n_kv_heads, c.head_dim, min(max_len or self.max_len, self.max_len),
                              self.stream)
 
-    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: DeviceKVCache, logit_positions: np.ndarray) -> np.ndarray:
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: DeviceKVCache, logit_positions: np.ndarray,
+                    token_types: np.ndarray | None = None) -> np.ndarray:
         if not isinstance(cache, DeviceKVCache):
             raise EngineError("the TensorRT backend needs its own KV cache: use backend.new_cache()")
         t, k = int(embeds.shape[1]), int(len(logit_positions))
@@ -275,6 +295,10 @@ class TrtBackend:
         c.h2d(b.dev["position_ids"], b.stage("position_ids", np.asarray(positions, np.int64)), s)
         c.h2d(b.dev["logit_positions"], b.stage("logit_positions", np.asarray(logit_positions, np.int64)), s)
         addr = {n: b.dev[n] for n in ("inputs_embeds", "position_ids", "logit_positions", "logits")}
+        if self.cfg.is_molmo2:  # the prefix mask's token types (None: text, causal)
+            types = np.zeros((1, t), np.int64) if token_types is None else np.asarray(token_types, np.int64).reshape(1, t)
+            c.h2d(b.dev["token_types"], b.stage("token_types", types), s)
+            addr["token_types"] = b.dev["token_types"]
         for i in range(self.cfg.n_layers):
             for kind, (past, new) in cache.addresses(i, t).items():
                 addr[f"past_{kind}.{i}"] = past
