@@ -67,11 +67,7 @@ def forward(m: "Molmo", arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def processor(m: "Molmo"):
     """The Molmo2 processor (prompt, images, video -> HF arrays) for this bundle, made once."""
     if getattr(m, "_molmo2_processor", None) is None:
-        try:
-            from molmo_edge.runtime.molmo2_processor import Molmo2Processor
-        except ImportError as e:
-            raise MolmoEdgeError(f"asking Molmo2 needs its processor ({e.name} is missing from this install); "
-                                 "reinstall molmo-edge") from None
+        from molmo_edge.runtime.molmo2_processor import Molmo2Processor
         m._molmo2_processor = Molmo2Processor(m.bundle.folder)
     return m._molmo2_processor
 
@@ -135,7 +131,7 @@ def ask(m: "Molmo", prompt: str, images: Sequence[Any] = (), video: Any = None, 
         max_crops: int | None = None, bgr: bool = False, history: Sequence[tuple[str, str]] = (),
         on_text: Callable[[str], None] | None = None) -> "Answer":
     """Answer one question about `images` (several allowed), a `video`, or nothing. Greedy unless temperature > 0."""
-    from molmo_edge.runtime.pointing import VideoTimeline, parse_count, parse_points
+    from molmo_edge.runtime.pointing import parse_count
     from molmo_edge.runtime.session import Answer
 
     proc = processor(m)
@@ -153,12 +149,8 @@ def ask(m: "Molmo", prompt: str, images: Sequence[Any] = (), video: Any = None, 
         text = text[: text.index(hit)]
     text = text.strip()
     m.stats["questions"] += 1
-    sizes = req.image_sizes
-    timeline = None
-    if req.video is not None:
-        h, w = req.video.size
-        timeline = VideoTimeline(w, h, req.video.timestamps, req.video.frame_indices)
-    points = parse_points(text, images=sizes, video=timeline)
+    sizes, timeline = req.image_sizes, req.timeline
+    points = req.parse_points(text)
     steps = len(tokens) - 1
     timings["decode_tokens_per_s"] = steps / max(timings["decode"] / 1e3, 1e-9) if steps else 0.0
     return Answer(prompt, text, tokens, points, parse_count(text, points), reason, len(ids),

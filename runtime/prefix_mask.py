@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from molmo_edge.runtime.config import MolmoConfig
-
-MM_TOKENS = ("<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
-             "<frame_end>", "<im_low>")
+from molmo_edge.runtime.molmo2_processor import MM_TOKENS
 
 
 def mm_token_types(cfg: MolmoConfig, input_ids: np.ndarray) -> np.ndarray:

@@ -168,9 +168,13 @@ def cmd_ask(a: argparse.Namespace) -> int:
         return _ask_torch_molmo2(a, folder, prompts) if molmo2 else _ask_torch(a, folder, prompts)
     from molmo_edge.runtime.preprocess import load_image
     m = _runtime(folder, backend, a.precision)
-    rgbs = [load_image(i) for i in images]
-    rgb = rgbs[0] if rgbs else None
-    media = {"images": rgbs, "video": a.video} if molmo2 else {}
+    rgb = load_image(images[0]) if images else None
+    media = {}
+    if molmo2:  # preprocessed once for all the questions
+        from molmo_edge.runtime.molmo2_session import processor
+        proc = processor(m)
+        media = {"images": [proc.image(i, max_crops=a.max_crops) for i in images],
+                 "video": proc.video(a.video) if a.video else None}
     stream = a.stream and not a.json
     last = None
     for prompt in prompts:
@@ -209,7 +213,7 @@ def _is_molmo2(folder: str) -> bool:
 def _ask_torch_molmo2(a: argparse.Namespace, folder: str, prompts: list[str]) -> int:
     """The torch reference on a Molmo2 checkpoint: the Molmo2 processor's arrays -> greedy generation."""
     from molmo_edge.runtime.molmo2_processor import Molmo2Processor
-    from molmo_edge.runtime.pointing import VideoTimeline, parse_count, parse_points
+    from molmo_edge.runtime.pointing import parse_count
     proc = Molmo2Processor(folder)
     model, cfg = _torch_model(folder)
     t0 = time.perf_counter()
@@ -224,10 +228,7 @@ def _ask_torch_molmo2(a: argparse.Namespace, folder: str, prompts: list[str]) ->
                                 **arrays)
         t_gen = time.perf_counter() - t1
         text = proc.tokenizer.decode(tokens).strip()
-        timeline = None
-        if video is not None:
-            timeline = VideoTimeline(video.size[1], video.size[0], video.timestamps, video.frame_indices)
-        points = parse_points(text, images=req.image_sizes, video=timeline)
+        points = req.parse_points(text)
         if a.json:
             print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens, "points": [p.to_dict() for p in points],
                               "count": parse_count(text, points), "prompt_tokens": int(req.arrays["input_ids"].size),
