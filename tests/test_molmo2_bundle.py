@@ -148,3 +148,23 @@ def test_tensorrt_backend_bookkeeping_with_stand_ins(m2golden, golden_bundle, tm
         want = json.loads((m2golden / "cases" / "q3" / f"{case}.generate.json").read_text())["token_ids"]
         assert generate_tokens(m, arrays, GenerationOptions(max_new_tokens=8))[0] == want
     m.backend.close()
+
+
+def test_several_images_and_fewer_crops_torch_equals_bundle(m2golden, golden_bundle):
+    """Inputs the golden does not have: two images of other sizes at max_crops 2 (offsets across images, other
+    tilings) through the processor; the bundle equals the torch reference."""
+    import torch
+
+    from molmo_edge.export.checkpoint import load_reference_model
+    from molmo_edge.runtime.molmo2_processor import Molmo2Processor
+
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (200, 340, 3), np.uint8), rng.integers(0, 256, (420, 260, 3), np.uint8)]
+    arrays = Molmo2Processor(golden_bundle[0]).process("Which one is brighter?", images, max_crops=2)
+    assert len(arrays["image_grids"]) == 2
+    got = Molmo.load(golden_bundle[0]).forward(arrays)
+    model, _, _ = load_reference_model(str(m2golden / "ckpt-qwen3-tiny"))
+    with torch.no_grad():
+        want = model(**{k: arrays[k] for k in ("input_ids", "pixel_values", "image_token_pooling", "mm_token_type_ids")})
+    assert np.abs(got["logits"] - want.logits[0].numpy()).max() < 1e-3
+    np.testing.assert_allclose(got["image_features"], want.image_features[0].numpy(), rtol=1e-4, atol=1e-3)
