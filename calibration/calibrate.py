@@ -26,7 +26,8 @@ from molmo_edge.calibration.frames import FrameSet, select_frames
 from molmo_edge.calibration.qdq import build_qdq_model, find_layers, quantize_weight, select_layers
 from molmo_edge.calibration.report import (DEFAULT_PROMPTS, LayerError, Prompt, answer_record, answer_summary, crop_metrics, format_table,
                      point_distance, summarise, write_json)
-from molmo_edge.calibration.stats import METHODS, TensorStats, crop_batches, graph_info, run_tapped, scales_from, tapped_session
+from molmo_edge.calibration.stats import METHODS, TensorStats, graph_info, run_tapped, scales_from, tapped_session
+from molmo_edge.calibration.vision_feeds import VisionFeeds
 from molmo_edge.calibration.staging import commit, staging
 from molmo_edge.calibration.trt_cache import METHOD_ALGORITHM, version_int, version_str, write_cache
 from molmo_edge.runtime.files import say
@@ -76,7 +77,6 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
     import onnx
 
     from molmo_edge.runtime.bundle import Bundle, load_bundle
-    from molmo_edge.runtime.processor import MolmoProcessor
 
     t_start = time.perf_counter()
     if method not in METHODS:
@@ -111,23 +111,23 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
 
     # 3. statistics of every activation of the fp32 vision graph
     names = info.activations
-    proc = MolmoProcessor(bundle_dir, cfg)
+    proc = VisionFeeds(bundle_dir, cfg)
     sess = tapped_session(vision_path, names, threads)
     stats = {n: TensorStats() for n in names}
     batch = 1
     t0 = time.perf_counter()
     for k, frame in enumerate(frames.calibration):
-        crops = proc.image(frame.rgb, max_crops=max_crops)
-        for feeds in crop_batches(crops.images, crops.image_masks, batch):
+        pixels, masks = proc.crops(frame.rgb, max_crops)
+        for feeds in proc.batches(pixels, masks, batch):
             vals = run_tapped(sess, feeds, names)
             for n in names:
                 stats[n].update(vals[n])
             if k == 0 and batch == 1:  # size batches from what one crop's taps weigh
-                per_crop = sum(v.nbytes for v in vals.values()) / feeds["images"].shape[0]
+                per_crop = sum(v.nbytes for v in vals.values()) / proc.n_crops(feeds)
                 batch = int(max(1, min(16, BATCH_BYTES // max(per_crop, 1))))
             del vals
         el = time.perf_counter() - t0
-        progress(f"[calibrate] statistics {k + 1}/{len(frames.calibration)} frames ({crops.n_crops} crops), "
+        progress(f"[calibrate] statistics {k + 1}/{len(frames.calibration)} frames ({len(pixels)} crops), "
                  f"{el:.0f} s, ~{el / (k + 1) * (len(frames.calibration) - k - 1):.0f} s left")
     nonfinite = [n for n, s in stats.items() if s.nonfinite]
     if nonfinite:
@@ -246,14 +246,14 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
     per_frame = []
     all_crops = []
     for k, frame in enumerate(frames.holdout):
-        crops = proc.image(frame.rgb, max_crops=max_crops)
+        pixels, masks = proc.crops(frame.rgb, max_crops)
         ref, got = [], []
-        for feeds in crop_batches(crops.images, crops.image_masks, batch):
+        for feeds in proc.batches(pixels, masks, batch):
             vals = run_tapped(sess, feeds, taps)
             for e in layer_err:
                 e.update(vals[e.input])
-            ref.append(vals["image_features"])
-            got.append(int8.run(["image_features"], feeds)[0])
+            ref.append(proc.per_crop(vals["image_features"], feeds))
+            got.append(proc.per_crop(int8.run(["image_features"], feeds)[0], feeds))
             del vals
         m = crop_metrics(np.concatenate(ref), np.concatenate(got))
         all_crops += m

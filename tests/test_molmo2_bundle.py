@@ -168,3 +168,35 @@ def test_several_images_and_fewer_crops_torch_equals_bundle(m2golden, golden_bun
         want = model(**{k: arrays[k] for k in ("input_ids", "pixel_values", "image_token_pooling", "mm_token_type_ids")})
     assert np.abs(got["logits"] - want.logits[0].numpy()).max() < 1e-3
     np.testing.assert_allclose(got["image_features"], want.image_features[0].numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_int8_vision_calibration(golden_bundle, tmp_path):
+    """calibrate on a Molmo2 bundle: per-crop feeds with a 2x2 pooling of each crop's own grid, the Q/DQ vision
+    graph registered as vision.int8 and used by --precision int8 (features close to fp32 on held-out frames)."""
+    import shutil
+
+    from molmo_edge.calibration.calibrate import calibrate_bundle
+    from molmo_edge.calibration.scenes import write_images
+
+    folder = str(tmp_path / "bundle")
+    shutil.copytree(golden_bundle[0], folder)
+    frames = str(tmp_path / "frames")
+    write_images(frames, 6, seed=7, height=200, width=260)
+    report = calibrate_bundle(folder, frames, samples=3, holdout=2, max_crops=1, e2e_frames=1, max_new_tokens=4,
+                              min_cosine=0.9, progress=lambda *_: None)
+    assert report["threshold"]["passed"] and report["features"]["cosine"]["worst"] > 0.9
+    m = Molmo.load(folder, precision="int8")
+    assert m.backend.graphs["vision"] == "vision.int8"
+    arrays = _one_image_request(folder, frames)
+    f32 = Molmo.load(folder).forward(arrays)["image_features"]
+    i8 = m.forward(arrays)["image_features"]
+    cos = (f32 * i8).sum() / np.sqrt((f32 * f32).sum() * (i8 * i8).sum())
+    assert i8.shape == f32.shape and cos > 0.9
+
+
+def _one_image_request(folder, frames):
+    import os
+
+    from molmo_edge.runtime.molmo2_processor import Molmo2Processor
+    first = sorted(os.listdir(frames))[0]
+    return Molmo2Processor(folder).process("Describe.", [os.path.join(frames, first)], max_crops=1)
