@@ -200,3 +200,16 @@ def _one_image_request(folder, frames):
     from molmo_edge.runtime.molmo2_processor import Molmo2Processor
     first = sorted(os.listdir(frames))[0]
     return Molmo2Processor(folder).process("Describe.", [os.path.join(frames, first)], max_crops=1)
+
+
+def test_bench_runs_every_molmo2_stage(tmp_path):
+    from molmo_edge.export.synthetic import make_random_checkpoint
+    from molmo_edge.runtime.device.bench import format_table, run_bench, sample_frame
+
+    ckpt = make_random_checkpoint(str(tmp_path / "ckpt"), "molmo2-8b", seed=2)
+    export_bundle(ckpt, str(tmp_path / "b"), **quiet)
+    res = run_bench(Molmo.load(str(tmp_path / "b")), sample_frame(), runs=1, decode_tokens=2, reduced_crops=2)
+    s = res["stages"]
+    assert s["crops"] > s["crops_at_max_crops_2"] == 3 and s["vision_ms_clip_16_frames"]["median"] > 0
+    assert s["prefill_tokens"] > 200 and s["decode_tokens_per_s"]["median"] > 0
+    assert "16-frame clip" in format_table(res)
