@@ -86,14 +86,28 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" … (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+EMBEDDINGS = ("model.transformer.wte.embedding", "model.transformer.wte.new_embedding")
+
+
+def embedding_resplit(source: Mapping, cfg: MolmoConfig) -> bool:
+    """True when a Molmo2 file splits its embedding rows otherwise than [vocab_size] + [additional] with the
+    right total: transformers 5.24's save_pretrained writes two equal halves (molmo2-spec.md trap 16). Only
+    the concatenation matters; the loader re-splits it."""
+    if not cfg.is_molmo2 or not all(n in source for n in EMBEDDINGS):
+        return False
+    rows = [source.shape(n)[0] if hasattr(source, "shape") else source[n].shape[0] for n in EMBEDDINGS]
+    return rows != [cfg.embedding_size, cfg.additional_vocab_size] and sum(rows) == cfg.embedding_size + cfg.additional_vocab_size
+
+
 def check_weights(source: WeightSource, cfg: MolmoConfig) -> None:
     """One error that lists every missing, unexpected and mis-shaped tensor."""
     want = hf_weight_shapes(cfg)
     have = set(source)
     missing = sorted(set(want) - have)
     unexpected = sorted(have - set(want))
+    resplit = embedding_resplit(source, cfg)
     wrong = [f"{n} {list(source.shape(n))} (config says {list(want[n])})"
-             for n in sorted(set(want) & have) if source.shape(n) != want[n]]
+             for n in sorted(set(want) & have) if source.shape(n) != want[n] and not (resplit and n in EMBEDDINGS)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {_listing(missing)}")

@@ -424,6 +424,12 @@ def build_model(cfg: MolmoConfig, tensors, dtype: torch.dtype = torch.float32) -
     with torch.device("meta"):
         model = model_cls(cfg)
     state = {}
+    if cfg.is_molmo2:
+        from molmo_edge.export.checkpoint import EMBEDDINGS, embedding_resplit
+        if embedding_resplit(tensors, cfg):  # re-saved file: rows split otherwise, same concatenation
+            table = torch.cat([tensors[n].to(dtype) for n in EMBEDDINGS])
+            state["wte"], state["wte_new"] = table[:cfg.embedding_size].clone(), table[cfg.embedding_size:].clone()
+            names = {k: v for k, v in names.items() if k not in ("wte", "wte_new")}
     for ours, theirs in names.items():
         if isinstance(theirs, list):
             first = tensors[theirs[0]]

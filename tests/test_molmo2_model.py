@@ -242,3 +242,26 @@ def test_plan_and_engine_profiles_cover_molmo2():
     (vp,) = vision_profiles(four, 8)
     assert set(vp.shapes) == {"pixel_values", "pooling"} and vp.shapes["pooling"].max[1] == 9
     assert all("token_types" in p.shapes for p in decoder_profiles(four, 4096, 8))
+
+
+def test_resaved_checkpoint_with_equal_embedding_halves_loads(m2golden, tmp_path):
+    """transformers 5.24's save_pretrained splits the embedding into two equal halves (spec trap 16): same rows
+    in total, so it loads (re-split at vocab_size) and gives the golden logits."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = m2golden / "ckpt-qwen3-tiny"
+    dst = tmp_path / "resaved"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    state = load_file(str(src / "model.safetensors"))
+    table = torch.cat([state.pop("model.transformer.wte.embedding"), state.pop("model.transformer.wte.new_embedding")])
+    half = table.shape[0] // 2
+    state["model.transformer.wte.embedding"], state["model.transformer.wte.new_embedding"] = table[:half], table[half:]
+    save_file(state, str(dst / "model.safetensors"))
+    model, _, _ = load_reference_model(str(dst))
+    pre = np.load(m2golden / "cases" / "text_only.preprocess.npz")
+    ref = np.load(m2golden / "cases" / "q3" / "text_only.forward.npz")
+    with torch.no_grad():
+        logits = model(**_inputs(pre)).logits[0].numpy()
+    assert np.abs(logits - ref["logits"]).max() < 1e-3
