@@ -25,15 +25,47 @@ if TYPE_CHECKING:
 PIXELS_AND_POOLING = (("pixel_values", "image_token_pooling"), ("pixel_values_videos", "video_token_pooling"))
 
 
+def pooling_chunks(pooling: np.ndarray, n_patch: int, limit: int) -> list[tuple[int, int, int, int]]:
+    """Split a request's pooled tokens into runs (row0, row1, crop0, crop1) that read only crops
+    crop0..crop1-1, cutting only where no earlier token reads a later crop (between video frames, between
+    images), so that no run spans more than `limit` crops where a cut allows it. Each run is an
+    independent vision call: a 64-frame video fits an engine profiled for max_crops + 1 crops, and the
+    ViT's activations stay those of `limit` crops."""
+    crop = np.where(pooling >= 0, pooling // n_patch, -1)
+    valid = (crop >= 0).any(-1)
+    lo = np.where(valid, np.where(crop >= 0, crop, np.iinfo(np.int64).max).min(-1), -1)
+    hi = crop.max(-1)
+    runs, row0 = [], 0
+    c0 = int(lo[valid][0]) if valid.any() else 0
+    cmax = c0
+    for r in range(len(pooling)):
+        if not valid[r]:
+            continue
+        if r > row0 and lo[r] > cmax and hi[r] - c0 + 1 > limit:
+            runs.append((row0, r, c0, cmax + 1))
+            row0, c0 = r, int(lo[r])
+        cmax = max(cmax, int(hi[r]))
+    runs.append((row0, len(pooling), c0, cmax + 1))
+    return runs
+
+
 def media_features(m: "Molmo", arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Connector output [n_im_patch, d] for the images or the video of a request (None for text only)."""
+    """Connector output [n_im_patch, d] for the images or the video of a request (None for text only),
+    in vision calls of at most the backend's crop limit where the request can be cut (pooling_chunks)."""
     given = [(p, q) for p, q in PIXELS_AND_POOLING if p in arrays]
     if len(given) > 1:
         raise MolmoEdgeError("one Molmo2 request takes images or a video, not both")
     if not given:
         return None
-    pixels, pooling = given[0]
-    return m.backend.vision_pooled(arrays[pixels], arrays[pooling])
+    n_patch = m.cfg.vision.num_patches
+    pixels = np.asarray(arrays[given[0][0]]).reshape(-1, n_patch, m.cfg.vision.patch_dim)
+    pooling = np.asarray(arrays[given[0][1]]).astype(np.int64)
+    limit = getattr(m.backend, "max_vision_crops", None) or m.cfg.preprocess.max_crops + 1
+    out = []
+    for r0, r1, c0, c1 in pooling_chunks(pooling, n_patch, limit):
+        rows = pooling[r0:r1]
+        out.append(m.backend.vision_pooled(pixels[c0:c1], np.where(rows >= 0, rows - c0 * n_patch, -1)))
+    return np.concatenate(out)
 
 
 def embed(m: "Molmo", ids: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:

@@ -213,3 +213,20 @@ def test_bench_runs_every_molmo2_stage(tmp_path):
     assert s["crops"] > s["crops_at_max_crops_2"] == 3 and s["vision_ms_clip_16_frames"]["median"] > 0
     assert s["prefill_tokens"] > 200 and s["decode_tokens_per_s"]["median"] > 0
     assert "16-frame clip" in format_table(res)
+
+
+def test_vision_runs_in_chunks_of_whole_frames_and_images(m2golden, golden_bundle):
+    """A video (or several images) is cut into vision calls of at most the backend's crop limit, only between
+    frames / images; the features equal one call's."""
+    from molmo_edge.runtime.molmo2_session import media_features, pooling_chunks
+
+    pre = np.load(m2golden / "cases" / "video_pan.preprocess.npz")
+    runs = pooling_chunks(pre["video_token_pooling"], 729, 3)
+    assert [(c0, c1) for _, _, c0, c1 in runs] == [(0, 3), (3, 6), (6, 8)] and runs[-1][1] == 648
+    chelsea = np.load(m2golden / "cases" / "chelsea_point.preprocess.npz")["image_token_pooling"]
+    assert pooling_chunks(chelsea, 729, 2) == [(0, 518, 0, 3)]  # one image is never cut
+    m = Molmo.load(golden_bundle[0])
+    arrays = {k: pre[k] for k in ("pixel_values_videos", "video_token_pooling")}
+    whole = m.backend.vision_pooled(arrays["pixel_values_videos"], arrays["video_token_pooling"])
+    m.backend.max_vision_crops = 3
+    np.testing.assert_allclose(media_features(m, arrays), whole, rtol=1e-5, atol=1e-4)

@@ -248,6 +248,8 @@ class TrtBackend:
         self._vbuf = _Buffers(self.cuda, vision_buffers(self.cfg, self._vision.profiles))
         self._dbuf = _Buffers(self.cuda, decoder_buffers(self.cfg, self._decoder.profiles))
         self.max_len = max(p.shapes["past_key.0"].max[1] for p in self._decoder.profiles) + 1
+        crops_input = "pixel_values" if self.cfg.is_molmo2 else "images"
+        self.max_vision_crops = max(p.shapes[crops_input].max[0] for p in self._vision.profiles)  # Molmo2 chunks by it
 
     # --- the backend interface ---------------------------------------------------------------
     def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
