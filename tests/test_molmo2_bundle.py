@@ -75,6 +75,22 @@ def test_cached_generation_matches_golden_and_reuses_the_prefix(m2golden, golden
         assert timings["vision"] == 0.0
 
 
+def test_device_io_path_passes_token_types(m2golden, golden_bundle):
+    """The CUDA/TensorRT-provider path of the onnxruntime backend (KV cache and step inputs as device OrtValues;
+    forced here on CPU OrtValues) uploads token_types too: the golden tokens."""
+    from molmo_edge.runtime.backends.ort import OrtBackend
+    from molmo_edge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(golden_bundle[0])
+    m = Molmo(bundle, OrtBackend(bundle, device_io=True))
+    assert m.backend.device_io is not None
+    pre = np.load(m2golden / "cases" / "chelsea_point.preprocess.npz")
+    arrays = {k: pre[k] for k in pre.files if pre[k].dtype.kind != "U"}
+    want = json.loads((m2golden / "cases" / "q3" / "chelsea_point.generate.json").read_text())["token_ids"]
+    assert generate_tokens(m, arrays, GenerationOptions(max_new_tokens=8))[0] == want
+    assert ("h2d", "token_types", 8) in m.backend.device_io.copies  # the last decode step's single type
+
+
 def test_olmo_backbone_bundle_matches_torch(tmp_path):
     """YaRN on layer 3 only, post-norm and full-width q/k norm through the decoder graph (the export self-check
     compares it with the torch model, which the numpy reference checks in test_molmo2_model.py)."""

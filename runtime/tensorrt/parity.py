@@ -83,9 +83,28 @@ def sample_frame(h: int = 480, w: int = 640) -> np.ndarray:
 
 
 def vision_sample(bundle: Bundle, max_crops: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, image_masks); Molmo2: (pixel_values, pooling index)."""
+    n = max(1, min(PARITY_CROPS, max_crops))
+    if bundle.config.is_molmo2:
+        from molmo_edge.runtime.molmo2_preprocess import ImageSettings, preprocess_image as molmo2_image
+        im = molmo2_image(sample_frame(), ImageSettings.from_folder(bundle.folder), max_crops=n)
+        return im.pixel_values, im.token_pooling.astype(np.int64)
     from molmo_edge.runtime.preprocess import preprocess_image
-    crops = preprocess_image(sample_frame(), bundle.config, max_crops=max(1, min(PARITY_CROPS, max_crops)))
+    crops = preprocess_image(sample_frame(), bundle.config, max_crops=n)
     return crops.images, crops.image_masks
+
+
+def _vision_feeds(cfg: Any, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    return {"pixel_values": a, "pooling": b} if cfg.is_molmo2 else {"images": a, "image_masks": b}
+
+
+def prefill_token_types(cfg: Any, n: int) -> np.ndarray | None:
+    """Molmo2: a block of 8 'image' tokens inside the sample prefill, so the prefix mask is compared too."""
+    if not cfg.is_molmo2:
+        return None
+    types = np.zeros((1, n), np.int64)
+    types[0, 4:12] = 1
+    return types
 
 
 def decoder_sample(bundle: Bundle) -> np.ndarray:
@@ -115,7 +134,7 @@ def _session(path: str, providers: list[str] | None) -> Any:
 def reference_vision(bundle: Bundle, graph: str, images: np.ndarray, masks: np.ndarray,
                      providers: list[str] | None = None) -> np.ndarray:
     sess = _session(bundle.graph_path(graph), providers)
-    out = sess.run(["image_features"], {"images": images, "image_masks": masks})[0]
+    out = sess.run(["image_features"], _vision_feeds(bundle.config, images, masks))[0]
     del sess
     gc.collect()
     return out
@@ -139,6 +158,9 @@ def reference_decoder(bundle: Bundle, graph: str, ids: np.ndarray, providers: li
                  "logit_positions": np.array([len(step_ids) - 1], np.int64)}
         for i in range(cfg.n_layers):
             feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = keys[i], values[i]
+        if cfg.is_molmo2:
+            types = prefill_token_types(cfg, len(step_ids)) if call == 0 else None
+            feeds["token_types"] = np.zeros((1, len(step_ids)), np.int64) if types is None else types
         res = dict(zip(out_names, sess.run(out_names, feeds)))
         for i in range(cfg.n_layers):
             keys[i] = np.concatenate([keys[i], res[f"new_key.{i}"]], axis=1)
@@ -162,11 +184,13 @@ def engine_decoder(backend: Any, bundle: Bundle, ids: np.ndarray, tokens: list[i
     logits = []
     steps = [ids] + [np.array([t], np.int64) for t in tokens]
     try:
-        for step_ids in steps:
+        for n, step_ids in enumerate(steps):
             start = cache.length
+            types = prefill_token_types(bundle.config, len(step_ids)) if n == 0 else None
             logits.append(backend.run_decoder(_embed(table, step_ids),
                                               np.arange(start, start + len(step_ids), dtype=np.int64)[None], cache,
-                                              np.array([len(step_ids) - 1], np.int64)))
+                                              np.array([len(step_ids) - 1], np.int64),
+                                              **({"token_types": types} if types is not None else {})))
         kv = [cache.read_back(i) for i in range(bundle.config.n_layers)]
     finally:
         cache.close()
@@ -201,7 +225,7 @@ def verify_engines(bundle: Bundle, graphs: dict[str, str], precisions: dict[str,
     progress("parity: the engines on the same inputs ...")
     backend = open_backend()
     try:
-        got_v = backend.vision(images, masks)
+        got_v = backend.vision_pooled(images, masks) if bundle.config.is_molmo2 else backend.vision(images, masks)
         got_d = engine_decoder(backend, bundle, ids, ref_d["tokens"])
     finally:
         backend.close()
