@@ -247,3 +247,45 @@ def test_vision_runs_in_chunks_of_whole_frames_and_images(m2golden, golden_bundl
     whole = m.backend.vision_pooled(arrays["pixel_values_videos"], arrays["video_token_pooling"])
     m.backend.max_vision_crops = 3
     np.testing.assert_allclose(media_features(m, arrays), whole, rtol=1e-5, atol=1e-4)
+
+
+def test_watch_clip_asks_about_the_last_seconds_as_a_video(m2golden, golden_bundle, tmp_path):
+    """watch --clip: the last second of a (real-time) video file as a Molmo2 video, one vision pass for both
+    prompts, the clip described on each line; a v1 model or a source without history is refused in one line."""
+    import cv2
+
+    from molmo_edge.runtime.cameras import open_source
+    from molmo_edge.runtime.cli.main import main
+    from molmo_edge.runtime.errors import MolmoEdgeError
+    from molmo_edge.runtime.serve.watch import watch
+
+    frames = np.load(m2golden / "inputs" / "video_astronaut_pan.npz")["frames"]  # [16, 144, 192, 3] RGB
+    path = str(tmp_path / "pan.avi")
+    w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 8.0, (192, 144))
+    for f in frames:
+        w.write(np.ascontiguousarray(f[:, :, ::-1]))
+    w.release()
+    m = Molmo.load(golden_bundle[0])
+    lines = []
+    with open_source(path, history=1.0) as src:
+        s = watch(m, src, ["Describe this video.", "How many people?"], clip=1.0, max_new_tokens=3, emit=lines.append)
+    assert s.answers == len(lines) >= 2 and lines[0]["prompt"] == "Describe this video."
+    c = lines[0]["clip"]
+    assert 2 <= c["frames"] <= 5 and 0.2 <= c["seconds"] <= 1.05   # history_fps 4: at most ~4 frames a second
+    assert lines[0]["latency_ms"]["vision"] > 0 and lines[1]["latency_ms"]["vision"] == 0.0  # the second reuses it
+    assert lines[1]["clip"] == c
+
+    out = tmp_path / "clip.jsonl"
+    assert main(["watch", golden_bundle[0], "--source", path, "--clip", "1", "--prompt", "Describe this video.",
+                 "--max-new-tokens", "2", "--max-frames", "1", "--jsonl", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["clip"]["frames"] >= 2
+
+    class V1:
+        class cfg:
+            is_molmo2, family = False, "molmoe-1b"
+    with open_source(path, history=1.0) as src:
+        with pytest.raises(MolmoEdgeError, match="needs a Molmo2 bundle"):
+            watch(V1(), src, ["?"], clip=1.0)
+    with open_source(path) as src:
+        with pytest.raises(MolmoEdgeError, match="history"):
+            watch(m, src, ["?"], clip=1.0)

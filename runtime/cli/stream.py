@@ -40,7 +40,10 @@ def cmd_watch(a: argparse.Namespace) -> int:
             raise MolmoEdgeError("--show needs a display and OpenCV with GUI support (pip install opencv-python, "
                                  "not -headless); or write the video with --overlay out.mp4") from None
     # the source first: a missing camera should not wait for a big model to load
-    source = open_source(a.source, loop=a.loop, retry_for=a.give_up_after, on_status=lambda m: say(f"source: {m}"))
+    if a.clip is not None and a.clip <= 0:
+        raise MolmoEdgeError(f"--clip must be a positive number of seconds (got {a.clip:g})")
+    source = open_source(a.source, loop=a.loop, retry_for=a.give_up_after, on_status=lambda m: say(f"source: {m}"),
+                         history=a.clip or 0.0)
     try:
         return _watch(a, source)
     finally:
@@ -63,7 +66,7 @@ def _watch(a: argparse.Namespace, source: Any) -> int:
         with sigterm_as_interrupt():  # systemd's stop is SIGTERM: the same clean summary as Ctrl-C
             summary = watch(model, source, a.prompts, every=a.every, on_change=a.on_change,
                             change_threshold=a.change_threshold, max_new_tokens=a.max_new_tokens, max_crops=a.max_crops,
-                            max_frames=a.max_frames, emit=emit, overlay=overlay, show=a.show)
+                            max_frames=a.max_frames, emit=emit, overlay=overlay, show=a.show, clip=a.clip)
     finally:
         if a.jsonl:
             out.close()
@@ -148,7 +151,8 @@ def add_commands(sub: Any) -> None:
                        epilog="examples:\n  molmo-edge watch bundle --source 0 --prompt \"How many people are there?\" --every 2\n"
                               "  molmo-edge watch bundle --source clip.mp4 --prompt \"Point to the cups\" --overlay out.mp4\n"
                               "  molmo-edge watch bundle --source rtsp://cam/stream --prompt \"Is the door open?\" --on-change "
-                              "--jsonl door.jsonl")
+                              "--jsonl door.jsonl\n"
+                              "  molmo-edge watch molmo2-bundle --source 0 --clip 10 --prompt \"How many people walked in?\"")
     _common(s)
     s.add_argument("--source", required=True, metavar="URI", help=f"camera, stream, file or images: {SOURCES}")
     s.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
@@ -156,6 +160,9 @@ def add_commands(sub: Any) -> None:
     when = s.add_mutually_exclusive_group()
     when.add_argument("--every", type=float, metavar="SECONDS", help="answer at most one frame per SECONDS")
     when.add_argument("--on-change", action="store_true", help="answer only frames whose scene changed since the last answer")
+    s.add_argument("--clip", type=float, default=None, metavar="SECONDS",
+                   help="Molmo2: ask about the last SECONDS of the source as a video (capture times as timestamps); "
+                        "answered every SECONDS unless --every says otherwise")
     s.add_argument("--change-threshold", type=float, default=0.02, metavar="F",
                    help="--on-change sensitivity: mean difference of 32x32 gray thumbnails, 0..1 (default 0.02)")
     s.add_argument("--jsonl", metavar="FILE", help="append the JSON lines to FILE instead of printing them")

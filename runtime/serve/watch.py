@@ -12,6 +12,12 @@ decode, total, and age: capture to answer), and the frames dropped (replaced in 
 before being read) and skipped (read but not answered: `every`, `on_change`) since the previous line.
 Several prompts about one frame share its vision pass (the runtime caches the image's features),
 so only the first line of a frame has a non-zero vision time.
+
+With `clip=S` (Molmo2 bundles: a video model) each question is about the last S seconds of the source
+as a video, sampled the way the model expects with the capture times as timestamps ("how many people
+walked in?"); the line then also has `clip` (frames, seconds, start, end). The source must keep that
+history (`open_source(uri, history=S)`); by default a clip is answered every S seconds, starting once
+S seconds were seen (or when a file ends sooner).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.cameras import Frame, Source, SourceEnded, SourceError
+from molmo_edge.runtime.cameras import Frame, Source, SourceEnded, SourceError, clip_arrays
 
 __all__ = ["watch", "WatchSummary", "OverlayVideo", "scene_signature", "scene_changed"]
 
@@ -102,20 +108,47 @@ def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _clip_media(model: Any, source: Source, seconds: float) -> tuple[Any, dict[str, Any]] | None:
+    """The last `seconds` of the source, preprocessed once for every prompt, and its description; None when
+    fewer than two frames were kept."""
+    from molmo_edge.runtime import molmo2_session
+    frames = source.clip(seconds)
+    if len(frames) < 2:
+        return None
+    video = molmo2_session.processor(model).video(clip_arrays(frames))
+    info = {"frames": len(frames), "seconds": round(frames[-1].timestamp - frames[0].timestamp, 3),
+            "start": _iso(frames[0].timestamp), "end": _iso(frames[-1].timestamp)}
+    return video, info
+
+
 def watch(model: Any, source: Source, prompts: Sequence[str], *, every: float | None = None, on_change: bool = False,
           change_threshold: float = 0.02, max_new_tokens: int = 64, max_crops: int | None = None,
           max_frames: int | None = None, emit: Callable[[dict[str, Any]], None] = print,
-          overlay: OverlayVideo | None = None, show: bool = False, stop: threading.Event | None = None) -> WatchSummary:
+          overlay: OverlayVideo | None = None, show: bool = False, stop: threading.Event | None = None,
+          clip: float | None = None) -> WatchSummary:
     """Answer `prompts` about frames of `source` until it ends, `max_frames` frames were answered,
     `stop` is set, or Ctrl-C. every: answer at most one frame per this many seconds (capture time).
-    on_change: answer only when the scene differs from the last answered frame by `change_threshold`."""
+    on_change: answer only when the scene differs from the last answered frame by `change_threshold`.
+    clip: ask about the last `clip` seconds as a video (Molmo2; the source needs history >= clip)."""
     if not prompts:
         raise MolmoEdgeError("no prompt given: pass at least one --prompt TEXT")
+    if clip is not None:
+        if clip <= 0:
+            raise MolmoEdgeError(f"--clip must be a positive number of seconds (got {clip:g})")
+        if not getattr(getattr(model, "cfg", None), "is_molmo2", False):
+            raise MolmoEdgeError("--clip asks about a video, which needs a Molmo2 bundle; this bundle is "
+                                 f"{getattr(getattr(model, 'cfg', None), 'family', 'a Molmo v1 model')} (ask about frames instead)")
+        if source.history < clip:
+            raise MolmoEdgeError(f"the source keeps {source.history:g} s of history but --clip is {clip:g} s: open it with "
+                                 f"open_source(uri, history={clip:g})")
+        every = clip if every is None else every
     s = WatchSummary()
     t0 = time.monotonic()
     last_sig: np.ndarray | None = None
     last_ts: float | None = None
     dropped_at_line, skipped_since = source.dropped, 0
+    first_ts: float | None = None
+    pending: Frame | None = None  # clip mode: the newest frame not yet covered by an answered clip
     try:
         while not (stop and stop.is_set()):
             try:
@@ -124,9 +157,18 @@ def watch(model: Any, source: Source, prompts: Sequence[str], *, every: float | 
                 continue
             except SourceEnded:
                 s.stopped_by = "end"
-                break
-            s.frames_read += 1
-            if every and last_ts is not None and frame.timestamp < last_ts + every:
+                if clip and pending is not None:  # a file shorter than the clip, or its tail: answer what was seen
+                    frame, pending = pending, None
+                    clip_wait = False
+                else:
+                    break
+            else:
+                s.frames_read += 1
+                first_ts = frame.timestamp if first_ts is None else first_ts
+                clip_wait = bool(clip and frame.timestamp - first_ts < clip)  # not yet `clip` seconds of history
+                if clip:
+                    pending = frame
+            if clip_wait or (every and last_ts is not None and frame.timestamp < last_ts + every and s.stopped_by != "end"):
                 skipped_since += 1
                 continue
             sig = scene_signature(frame.rgb) if on_change else None
@@ -134,20 +176,33 @@ def watch(model: Any, source: Source, prompts: Sequence[str], *, every: float | 
                 skipped_since += 1
                 continue
             last_sig, last_ts = sig, frame.timestamp
+            media, clip_info = None, None
+            if clip:
+                got = _clip_media(model, source, clip)
+                if got is None:
+                    skipped_since += 1
+                    continue
+                (media, clip_info), pending = got, None
             answers = []
             for prompt in prompts:
                 t = time.perf_counter()
-                ans = model.ask(prompt, frame.rgb, max_new_tokens=max_new_tokens, max_crops=max_crops)
+                if media is not None:
+                    ans = model.ask(prompt, video=media, max_new_tokens=max_new_tokens)
+                else:
+                    ans = model.ask(prompt, frame.rgb, max_new_tokens=max_new_tokens, max_crops=max_crops)
                 total = (time.perf_counter() - t) * 1e3
                 answers.append(ans)
                 lat = {k: round(v, 2) for k, v in ans.timings.items() if k != "decode_tokens_per_s"}
                 lat.update(total=round(total, 2), age=round((time.time() - frame.timestamp) * 1e3, 2))
                 s.answers += 1
                 s.frames_answered += len(answers) == 1  # counted before its first line is out: an interrupt never undercounts
-                emit({"time": _iso(frame.timestamp), "timestamp": round(frame.timestamp, 3), "frame": frame.id,
-                      "prompt": prompt, "answer": ans.text, "points": [p.to_dict() for p in ans.points],
-                      "count": ans.count, "latency_ms": lat, "dropped": source.dropped - dropped_at_line,
-                      "skipped": skipped_since})
+                line = {"time": _iso(frame.timestamp), "timestamp": round(frame.timestamp, 3), "frame": frame.id,
+                        "prompt": prompt, "answer": ans.text, "points": [p.to_dict() for p in ans.points],
+                        "count": ans.count, "latency_ms": lat, "dropped": source.dropped - dropped_at_line,
+                        "skipped": skipped_since}
+                if clip_info:
+                    line["clip"] = clip_info
+                emit(line)
                 dropped_at_line, skipped_since = source.dropped, 0
             s._latencies.append((time.time() - frame.timestamp) * 1e3)
             if overlay is not None or show:
@@ -160,6 +215,8 @@ def watch(model: Any, source: Source, prompts: Sequence[str], *, every: float | 
                     break
             if max_frames and s.frames_answered >= max_frames:
                 s.stopped_by = "max-frames"
+                break
+            if s.stopped_by == "end":
                 break
         else:
             s.stopped_by = "stop"
