@@ -184,15 +184,19 @@ def send_raw(host: str, port: int, data: bytes, timeout: float = 10) -> int:
 
 
 RAW_CASES = [
-    b"POST /v1/query HTTP/1.1\r\nHost: f\r\nContent-Length: 99999999999\r\n\r\n",
-    b"POST /v1/query HTTP/1.1\r\nHost: f\r\nContent-Length: abc\r\n\r\n",
-    b"POST /v1/query HTTP/1.1\r\nHost: f\r\nContent-Length: -1\r\n\r\n",
-    b"POST /v1/query HTTP/1.1\r\nHost: f\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: f\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nHost: f\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
+    b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999\r\n\r\n",
+    b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+    b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n",
+    b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
+    b"GET /v1/frame HTTP/1.1\r\nHost: attacker.example\r\n\r\n",
+    b"GET /\xb2\xff HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"\x00\x01\x02\x03\r\n\r\n",
-    b"GET " + b"/a" * 3000 + b" HTTP/1.1\r\nHost: f\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * 150 + b"\r\n",
+    b"GET " + b"/a" * 3000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"X-A: b\r\n" * 150 + b"\r\n",
 ]
 
 

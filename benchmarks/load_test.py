@@ -2,6 +2,12 @@
 
     python benchmarks/load_test.py                              # tiny random bundle (torch builds it), 8 clients, 60 s
     python benchmarks/load_test.py --bundle B --clients 16 --seconds 120 --queue-size 4
+    python benchmarks/load_test.py --compare-old                # old (http.server) vs new (uvicorn) side by side
+
+--compare-old checks the last http.server version of runtime/serve/server.py out of git into a temp
+folder (only for this comparison: it is not part of the product) and runs both servers, one after
+the other, on the same bundle: requests/s and p50/p99 at 1, 8 and 32 clients (model requests and light
+GETs), what a normal client sees while 64 slow clients drip bytes, and server memory.
 
 The server runs as a subprocess on 127.0.0.1 (the only address this tool talks to) with a looping
 video as its camera. Each client keeps one connection and sends a mix of requests: multipart
@@ -28,7 +34,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_runtime import machine  # noqa: E402
+from bench_int8 import machine  # noqa: E402 (the one description of the machine a benchmark ran on)
 from fuzz_openapi import camera_video, loopback_only, multipart, start_server, tiny_bundle  # noqa: E402
 
 
@@ -133,7 +139,14 @@ def main() -> int:
     ap.add_argument("--max-growth", type=float, default=0.10, help="allowed RSS growth, warm-up to end (fraction)")
     ap.add_argument("--honor-retry-after", action="store_true", help="clients wait Retry-After seconds after a 503")
     ap.add_argument("--json", metavar="FILE", help="also write the report here")
+    ap.add_argument("--compare-old", action="store_true", help="old vs new server side by side (see the docstring)")
+    ap.add_argument("--level-seconds", type=float, default=10, help="--compare-old: seconds per concurrency level")
+    ap.add_argument("--levels", default="1,8,32", help="--compare-old: concurrent clients to measure (default 1,8,32)")
     a = ap.parse_args()
+    if a.compare_old:
+        os.makedirs(a.workdir, exist_ok=True)
+        return compare(a.bundle or tiny_bundle(a.workdir), a.workdir, a.level_seconds, a.queue_size, a.json,
+                       tuple(int(x) for x in a.levels.split(",")))
     if not (0 < a.seconds <= 3600 and 0 < a.clients <= 256):
         raise SystemExit("--seconds must be in (0, 3600] and --clients in (0, 256]: this is a bounded test")
     if a.seconds < a.warmup + 20:
@@ -207,6 +220,219 @@ def main() -> int:
     print(f"\nstatus counts {report['by_status']}, connection errors {len(errors)}, RSS {report['rss_mb']}, "
           f"{'PASS' if report['pass'] else 'FAIL'}")
     return 0 if report["pass"] else 1
+
+
+# --- old vs new, side by side (--compare-old) ------------------------------------------------------
+
+OLD_LAUNCHER = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import old_server
+from molmo_edge.runtime.session import Molmo
+lim = old_server.Limits(queue_size=int(sys.argv[3]), timeout_s=60)
+app = old_server.App(Molmo.load(sys.argv[2]), limits=lim)
+srv = old_server.make_server(app, "127.0.0.1", 0)
+print(f"serving on http://127.0.0.1:{srv.server_address[1]}", file=sys.stderr, flush=True)
+srv.serve_forever(poll_interval=0.2)
+"""
+
+
+def old_server_dir(workdir: str) -> str:
+    """The newest git revision of runtime/serve/server.py still on http.server, written to workdir/old/."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    revs = subprocess.run(["git", "-C", repo, "log", "--format=%H", "--", "runtime/serve/server.py", "runtime/server.py"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    for rev in revs:
+        for path in ("runtime/serve/server.py", "runtime/server.py"):
+            src = subprocess.run(["git", "-C", repo, "show", f"{rev}:{path}"], capture_output=True, text=True).stdout
+            if "ThreadingHTTPServer" in src:
+                api = subprocess.run(["git", "-C", repo, "show", f"{rev}:{path.replace('server.py', 'openapi.py')}"],
+                                     capture_output=True, text=True, check=True).stdout
+                out = os.path.join(workdir, "old")
+                os.makedirs(out, exist_ok=True)
+                src = src.replace("from molmo_edge.runtime.serve.openapi import openapi", "from old_openapi import openapi")
+                src = src.replace("from molmo_edge.runtime.openapi import openapi", "from old_openapi import openapi")
+                for name, text in (("old_server.py", src), ("old_openapi.py", api), ("launch.py", OLD_LAUNCHER)):
+                    with open(os.path.join(out, name), "w") as f:
+                        f.write(text)
+                # the old server reads its kiosk page from a static/ folder next to it
+                os.makedirs(os.path.join(out, "static"), exist_ok=True)
+                import shutil
+                here = os.path.join(repo, "runtime", "serve", "static", "kiosk.html")
+                shutil.copy(here, os.path.join(out, "static", "kiosk.html"))
+                print(f"old server: {path} at {rev[:10]}", file=sys.stderr)
+                return out
+    raise SystemExit("no http.server version of the server in this repository's history")
+
+
+def start_old(folder: str, bundle: str, queue_size: int):
+    import subprocess
+    p = subprocess.Popen([sys.executable, os.path.join(folder, "launch.py"), folder, bundle, str(queue_size)],
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while True:
+        line = p.stderr.readline()
+        if "serving on " in line:
+            return p, line.split("serving on ", 1)[1].split()[0]
+        if not line and p.poll() is not None:
+            raise SystemExit("the old server did not start")
+
+
+def closed_loop(host: str, port: int, clients: int, seconds: float, req: tuple[str, str, bytes, dict],
+                honor_retry: bool = False) -> dict[str, Any]:
+    """`clients` threads, each one request at a time on its own keep-alive connection, for `seconds`; after a
+    503 a client pauses 0.1 s (or Retry-After seconds, as the OpenAI SDK does, with honor_retry)."""
+    method, path, body, headers = req
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def run() -> None:
+        conn = None
+        while time.monotonic() < deadline:
+            t = time.monotonic()
+            try:
+                conn = conn or http.client.HTTPConnection(host, port, timeout=120)
+                conn.request(method, path, body=body or None, headers=headers)
+                r = conn.getresponse()
+                r.read()
+                if r.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                with lock:
+                    errors[0] += 1
+                conn = None
+                continue
+            with lock:
+                codes[r.status] = codes.get(r.status, 0) + 1
+                if r.status == 200:
+                    lat.append((time.monotonic() - t) * 1e3)
+            if r.status == 503:
+                time.sleep(min(float(r.getheader("Retry-After") or 1), 10) if honor_retry else 0.1)
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    el = time.monotonic() - t0
+    return {"ok_per_s": round(len(lat) / el, 1), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "codes": codes,
+            "errors": errors[0]}
+
+
+def slow_clients(host: str, port: int, n: int = 64, seconds: float = 12) -> dict[str, Any]:
+    """n sockets drip a request's headers a byte a second; meanwhile a normal client asks /healthz and /v1/models."""
+    import socket
+    socks = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"G")
+            socks.append(s)
+        except OSError:
+            pass
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(1.0):
+            for s in socks:
+                try:
+                    s.sendall(b"E")
+                except OSError:
+                    pass
+    threading.Thread(target=drip, daemon=True).start()
+    time.sleep(1.0)
+    codes: dict[str, int] = {}
+    lat: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for path in ("/healthz", "/v1/models"):
+            t = time.monotonic()
+            try:
+                c = http.client.HTTPConnection(host, port, timeout=5)
+                c.request("GET", path)
+                r = c.getresponse()
+                r.read()
+                c.close()
+                key = str(r.status)
+                if r.status == 200:
+                    lat.append((time.monotonic() - t) * 1e3)
+            except (OSError, http.client.HTTPException) as e:
+                key = type(e).__name__
+            codes[key] = codes.get(key, 0) + 1
+        time.sleep(0.2)
+    stop.set()
+    for s in socks:
+        s.close()
+    return {"slow_sockets": len(socks), "normal_client": codes, "ok_p50_ms": pct(lat, 50), "ok_p99_ms": pct(lat, 99)}
+
+
+def compare(bundle: str, workdir: str, level_seconds: float, queue_size: int, json_out: str | None,
+            levels: tuple[int, ...] = (1, 8, 32)) -> int:
+    import cv2
+    import numpy as np
+    img = np.random.default_rng(0).integers(0, 60, (480, 640, 3), dtype=np.uint8)
+    cv2.circle(img, (300, 200), 40, (0, 0, 230), -1)
+    body, ctype = multipart([("image", cv2.imencode(".jpg", img)[1].tobytes(), "a.jpg"),
+                             ("prompt", b"Point to the red ball.", None), ("max_new_tokens", b"16", None)])
+    workloads = {"model (multipart JPEG upload, 16 tokens)": ("POST", "/v1/query", body, {"Content-Type": ctype}),
+                 "light (GET /v1/models)": ("GET", "/v1/models", b"", {})}
+    old_dir = old_server_dir(workdir)
+    report: dict[str, Any] = {"machine": machine(), "bundle": bundle, "queue_size": queue_size,
+                              "level_seconds": level_seconds, "servers": {}}
+    for name in ("old (http.server)", "new (uvicorn + Starlette)"):
+        if name.startswith("old"):
+            proc, url = start_old(old_dir, bundle, queue_size)
+        else:
+            proc, url = start_server(bundle, "--queue-size", str(queue_size), "--timeout", "60")
+        host, port = loopback_only(url)
+        res: dict[str, Any] = {"rss_mb_idle": round(rss_mb(proc.pid), 1)}
+        peak = [0.0]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.5):
+                peak[0] = max(peak[0], rss_mb(proc.pid))
+        threading.Thread(target=sample, daemon=True).start()
+        try:
+            closed_loop(host, port, 2, 3, workloads["model (multipart JPEG upload, 16 tokens)"])   # warm-up
+            for wname, req in workloads.items():
+                for clients in levels:
+                    res[f"{wname} @ {clients}"] = closed_loop(host, port, clients, level_seconds, req)
+                    print(name, wname, clients, res[f"{wname} @ {clients}"], file=sys.stderr)
+                    if wname.startswith("model") and clients == max(levels):
+                        key = f"{wname} @ {clients}, Retry-After honoured"
+                        res[key] = closed_loop(host, port, clients, level_seconds * 2, req, honor_retry=True)
+                        print(name, key, res[key], file=sys.stderr)
+            res["64 slow clients"] = slow_clients(host, port)
+            print(name, "slow", res["64 slow clients"], file=sys.stderr)
+            res["rss_mb_peak"] = round(peak[0], 1)
+            res["rss_mb_after"] = round(rss_mb(proc.pid), 1)
+        finally:
+            sampling.set()
+            proc.terminate()
+            proc.wait(timeout=40)
+        report["servers"][name] = res
+    print(json.dumps(report, indent=1))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=1)
+    names = list(report["servers"])
+    print("\n| workload @ clients | " + " | ".join(f"{n}: ok/s, p50, p99 ms, codes" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for key in report["servers"][names[0]]:
+        if "@" in key:
+            cells = [report["servers"][n][key] for n in names]
+            print(f"| {key} | " + " | ".join(f"{c['ok_per_s']}, {c['p50_ms']}, {c['p99_ms']}, {c['codes']}"
+                                            + (f", {c['errors']} conn errors" if c["errors"] else "") for c in cells) + " |")
+    for n in names:
+        r = report["servers"][n]
+        print(f"\n{n}: 64 slow clients -> {r['64 slow clients']}; RSS MB idle {r['rss_mb_idle']}, peak {r['rss_mb_peak']}, "
+              f"after {r['rss_mb_after']}")
+    return 0
 
 
 if __name__ == "__main__":

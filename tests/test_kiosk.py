@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from test_server import POINT_ANSWER, make_video, pointing_bundle, serving  # noqa: F401 (fixture)
+pytest.importorskip("uvicorn", reason="the server extra is not installed: pip install 'molmo-edge[serve]'")
+from serve_helpers import POINT_ANSWER, make_video, serving, shared_pointing_bundle  # noqa: E402
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -19,6 +20,11 @@ if not CHROMIUM:
     pytest.skip("headless Chromium not found: apt-get install -y chromium (or set CHROMIUM=/path/to/chrome)",
                 allow_module_level=True)
 expect = sync_api.expect
+
+
+@pytest.fixture(scope="module")
+def pointing_bundle(tmp_path_factory):
+    return shared_pointing_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,7 @@ def ask(page, question):
     expect(page.locator("#answer")).to_have_text(POINT_ANSWER)
 
 
-def test_photo_question_answer_points(page, pointing_bundle, tmp_path):  # noqa: F811
+def test_photo_question_answer_points(page, pointing_bundle, tmp_path):
     with serving(pointing_bundle) as (base, _):
         page.goto(base + "/")
         expect(page.locator("#status")).to_contain_text("no camera")
@@ -98,7 +104,7 @@ def test_photo_question_answer_points(page, pointing_bundle, tmp_path):  # noqa:
         expect(page.locator("#error")).to_be_hidden()
 
 
-def test_live_camera_question_answer_points(page, pointing_bundle, tmp_path):  # noqa: F811
+def test_live_camera_question_answer_points(page, pointing_bundle, tmp_path):
     from molmo_edge.runtime.cameras import open_source
     src = open_source(make_video(tmp_path / "cam.mp4", n=30), loop=True)
     try:
@@ -119,12 +125,16 @@ def test_live_camera_question_answer_points(page, pointing_bundle, tmp_path):  #
         src.close()
 
 
-def test_api_key_through_the_page(page, pointing_bundle, tmp_path):  # noqa: F811
-    with serving(pointing_bundle, api_key="kiosk-key") as (base, _):
+def test_api_key_through_the_login_link(page, pointing_bundle, tmp_path):
+    with serving(pointing_bundle, api_key="kiosk key; ☃") as (base, st):
         r = page.goto(base + "/")
         assert r.status == 401
-        page.goto(base + "/?key=kiosk-key")                        # sets the cookie the page's requests carry
+        assert page.goto(base + "/?key=kiosk-key").status == 401     # keys never travel in URLs
+        link = base + "/login?token=" + st.access.new_login_token()
+        r = page.goto(link)                                         # sets the session cookie, redirects to the kiosk
+        assert r.status == 200 and page.url == base + "/"
         expect(page.locator("#status")).to_contain_text("no camera")
+        assert page.context.new_page().goto(link).status == 401     # the link works once
         page.set_input_files("#file", photo(tmp_path / "p.png"))
         ask(page, "Point to the cup.")
         expect(page.locator("#points li")).to_have_count(1)

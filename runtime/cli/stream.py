@@ -3,11 +3,12 @@ Heavy imports (OpenCV, onnxruntime) stay inside the command functions."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.files import say
@@ -50,8 +51,25 @@ def cmd_watch(a: argparse.Namespace) -> int:
         source.close()
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd's stop) raises KeyboardInterrupt like Ctrl-C, in the main thread; elsewhere a no-op."""
+    import signal
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _watch(a: argparse.Namespace, source: Any) -> int:
-    from molmo_edge.runtime.serve.server import sigterm_as_interrupt
     from molmo_edge.runtime.serve.watch import OverlayVideo, watch
     model = _load(a)
     out = open(a.jsonl, "a", encoding="utf-8") if a.jsonl else sys.stdout
@@ -104,20 +122,33 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import logging
     _limit_malloc_arenas()
     _quiet_opencv()
-    from molmo_edge.runtime.serve.server import App, Limits, run_server
+    try:
+        from molmo_edge.runtime.serve.server import Limits, ServeState, run_server
+    except ImportError as e:
+        raise MolmoEdgeError(f"`molmo-edge serve` needs the server extra ({e.name} is missing): "
+                             "pip install 'molmo-edge[serve]'") from None
+    from molmo_edge.runtime.serve.security import check_key
     logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for flag, value in (("--queue-size", a.queue_size), ("--timeout", a.timeout), ("--max-body-mb", a.max_body_mb),
                         ("--max-image-mp", a.max_image_mp), ("--max-prompt-chars", a.max_prompt_chars),
-                        ("--default-new-tokens", a.default_new_tokens), ("--max-connections", a.max_connections)):
+                        ("--default-new-tokens", a.default_new_tokens), ("--max-connections", a.max_connections),
+                        ("--header-timeout", a.header_timeout), ("--body-timeout", a.body_timeout),
+                        ("--max-sockets", a.max_sockets)):
         if value <= 0:
             raise MolmoEdgeError(f"{flag} must be more than 0 (got {value:g})")
+    if a.max_crops is not None and a.max_crops < 1:
+        raise MolmoEdgeError(f"--max-crops must be 1 or more (got {a.max_crops})")
     api_key = a.api_key or os.environ.get("MOLMO_EDGE_API_KEY") or None
+    if api_key:
+        check_key(api_key)
     if not _is_loopback(a.host) and not api_key:
         say(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use the model and camera")
     limits = Limits(max_body_bytes=int(a.max_body_mb * (1 << 20)), max_image_pixels=int(a.max_image_mp * 1e6),
                     max_prompt_chars=a.max_prompt_chars, max_new_tokens=a.max_new_tokens,
                     default_new_tokens=min(a.default_new_tokens, a.max_new_tokens), queue_size=a.queue_size,
-                    timeout_s=a.timeout, max_connections=a.max_connections, max_crops=a.max_crops)
+                    timeout_s=a.timeout, max_connections=a.max_connections, max_crops=a.max_crops,
+                    header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout, max_sockets=a.max_sockets,
+                    allow_hosts=tuple(a.allow_host or ()), cors_origins=tuple(a.cors_origin or ()))
     source = None
     if a.source:  # before the model: a missing camera fails at once
         from molmo_edge.runtime.cameras import open_source
@@ -128,8 +159,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if source is not None:
             source.close()
         raise
-    app = App(model, source, api_key=api_key, limits=limits, access_log=a.access_log)
-    run_server(app, a.host, a.port, on_ready=lambda url: say(f"serving on {url}  (kiosk: {url}/  API: {url}/openapi.json)"))
+    st = ServeState(model, source, api_key=api_key, limits=limits, access_log=a.access_log)
+
+    def ready(url: str) -> None:
+        say(f"serving on {url}  (kiosk: {url}/  API: {url}/openapi.json)")
+        if api_key:  # printed once, never logged: the kiosk opens it and gets a session cookie
+            say(f"kiosk login link (one use): {url}/login?token={st.access.new_login_token()}")
+    try:  # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: here, as KeyboardInterrupt
+        with sigterm_as_interrupt():
+            run_server(st, a.host, a.port, on_ready=ready)
+    except KeyboardInterrupt:
+        pass
     say("stopped")
     return 0
 
@@ -182,19 +222,34 @@ def add_commands(sub: Any) -> None:
                                    "One model, a bounded queue (503 + Retry-After when full), limits on every input.",
                        epilog="examples:\n  molmo-edge serve bundle --source /dev/video0        # open http://127.0.0.1:8000/\n"
                               "  curl -F image=@cat.jpg -F prompt='Point to the cat' http://127.0.0.1:8000/v1/query\n"
-                              "  MOLMO_EDGE_API_KEY=secret molmo-edge serve bundle --host 0.0.0.0   # then /?key=secret")
+                              "  MOLMO_EDGE_API_KEY=secret molmo-edge serve bundle --host 0.0.0.0 --allow-host robot.local\n"
+                              "      # open the printed one-time login link on the kiosk; API clients send the key as a header")
     _common(s)
     s.add_argument("--source", metavar="URI", help=f"camera for /v1/frame, the kiosk and image-less queries: {SOURCES}")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--api-key", metavar="KEY", help="require KEY on every path but /healthz (or set MOLMO_EDGE_API_KEY)")
+    s.add_argument("--api-key", metavar="KEY", help="require KEY (Authorization: Bearer KEY or X-API-Key: KEY) on every path but /healthz "
+                        "(or set MOLMO_EDGE_API_KEY)")
     s.add_argument("--queue-size", type=int, default=8, help="requests that may wait for the model (default 8); more get 503")
-    s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request limit, queue + generation (default 60)")
+    s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="most seconds a request waits in the queue (then 503), and separately the most its generation "
+                        "takes (then 504, not to be retried) (default 60)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="request line and headers must arrive within this (default 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive, and each piece of an answer be taken, within this (default 30)")
     s.add_argument("--max-new-tokens", type=int, default=512, help="cap on tokens per answer a client may ask for (default 512)")
     s.add_argument("--default-new-tokens", type=int, default=128, help="tokens per answer when the client does not say (default 128)")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     s.add_argument("--max-image-mp", type=float, default=24.0, help="largest image in megapixels (default 24)")
     s.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt (default 2000 characters)")
-    s.add_argument("--max-connections", type=int, default=64, help="open connections before new ones get 503 (default 64)")
+    s.add_argument("--max-connections", type=int, default=64,
+                   help="requests in progress (past their body) before new ones get 503; /healthz is exempt (default 64)")
+    s.add_argument("--max-sockets", type=int, default=512, help="open TCP connections; more are closed at once (default 512)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="accept requests for this Host name (repeatable; loopback names, this machine's name and IP "
+                        "addresses always work; '*' turns the check off)")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://dash.local:3000; '*' for any) call the API (default: none)")
     s.add_argument("--access-log", action="store_true", help="log every request to stderr")
     s.set_defaults(fn=cmd_serve)
