@@ -203,7 +203,7 @@ BAD = [  # (method, path, body, content type, status, message fragment, param)
     ("POST", "/v1/query", b"[" * 100000, "application/json", 400, "JSON", None),
     ("POST", "/v1/query", {"prompt": 5}, None, 400, "string", "prompt"),
     ("POST", "/v1/query", {"prompt": ""}, None, 400, "at least 1 character", "prompt"),
-    ("POST", "/v1/query", {"prompt": "   "}, None, 400, "pattern", "prompt"),
+    ("POST", "/v1/query", {"prompt": " \t\n"}, None, 400, "pattern", "prompt"),
     ("POST", "/v1/query", {"prompt": "x" * 2001}, None, 400, "at most 2000 characters", "prompt"),
     ("POST", "/v1/query", {"prompts": ["a"] * 9}, None, 400, "at most 8 items", "prompts"),
     ("POST", "/v1/query", {}, None, 400, "no prompt", "prompt"),

@@ -45,6 +45,19 @@ def test_text_image_and_models(served):
     assert r.usage.prompt_tokens > 100               # the image's tokens count
 
 
+def test_system_messages_go_before_the_first_question(served):
+    base, _, _ = served
+    c = client(base)
+    user = {"role": "user", "content": "Point to the cup."}
+    plain = c.chat.completions.create(model="molmo", messages=[user]).usage.prompt_tokens
+    system = {"role": "system", "content": "You are a robot's eyes. Answer with points only."}
+    with_system = c.chat.completions.create(model="molmo", messages=[system, user]).usage.prompt_tokens
+    assert with_system > plain + 5          # used, not dropped (the old server counted it but threw it away)
+    later = c.chat.completions.create(model="molmo", messages=[user, {"role": "assistant", "content": "(1, 2)"},
+                                                               {"role": "developer", "content": "Be brief."}, user])
+    assert later.choices[0].message.content == POINT_ANSWER
+
+
 def test_several_images_are_a_400_not_a_silent_drop(served):
     base, _, _ = served
     with pytest.raises(openai.BadRequestError) as e:

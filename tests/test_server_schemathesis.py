@@ -31,7 +31,7 @@ def bundle(tmp_path_factory):
 def run_schemathesis(base: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     exe = shutil.which("schemathesis") or shutil.which("st")
     cmd = [exe or sys.executable, *([] if exe else ["-m", "schemathesis.cli"]), "run", base + "/openapi.json",
-           "--max-time", str(SECONDS), "--workers", "1", "--seed", "7", "--max-examples", "30", "--request-timeout", "30",
+           "--max-time", str(SECONDS), "--workers", "1", "--seed", os.environ.get("MOLMO_SCHEMATHESIS_SEED", "7"), "--max-examples", "30", "--request-timeout", "30",
            "--report", "junit", "--report-dir", str(tmp), *extra]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}

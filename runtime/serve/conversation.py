@@ -73,7 +73,8 @@ def conversation(req: Any, lim: Limits, model_name: str) -> Conversation:
     caps = [v for v in (req.max_tokens, req.max_completion_tokens) if v is not None]
     stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
     opts = {"max_new_tokens": min(caps) if caps else lim.default_new_tokens,
-            "temperature": 0.0 if req.temperature is None else float(req.temperature),
+            # below 1e-6 sampling is greedy anyway, and 1e-308 would overflow the division by the temperature
+            "temperature": 0.0 if req.temperature is None or req.temperature < 1e-6 else float(req.temperature),
             "top_p": 1.0 if req.top_p is None else float(req.top_p), "seed": req.seed,
             "stop": tuple(s for s in stop if s), "history": history, "max_crops": req.max_crops}
     so = req.stream_options

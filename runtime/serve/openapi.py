@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from molmo_edge.runtime.serve.schemas import IMAGE_B64_FORMAT, IMAGE_URI_FORMAT
+from molmo_edge.runtime.serve.schemas import IMAGE_B64_FORMAT, IMAGE_URI_FORMAT, NOT_BLANK
 
 if TYPE_CHECKING:
     from molmo_edge.runtime.serve.state import ServeState
@@ -36,7 +36,7 @@ def openapi(st: ServeState) -> dict[str, Any]:
                            **s.responses})
     err = {"default": {"description": "an error (OpenAI's shape)", "content": _json("Error")}}
     binary = {"schema": {"type": "string", "format": "binary"}}
-    prompt = {"type": "string", "minLength": 1, "maxLength": lim.max_prompt_chars, "pattern": r"\S"}
+    prompt = {"type": "string", "minLength": 1, "maxLength": lim.max_prompt_chars, "pattern": NOT_BLANK}
     raw_params = [{"name": "prompt", "in": "query", "required": False, "style": "form", "explode": True,
                    "schema": {"type": "array", "items": prompt, "maxItems": lim.max_prompts},
                    "description": "more prompts (with a raw image/* body, the only way to send them: then at least one)"},

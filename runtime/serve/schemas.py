@@ -14,6 +14,9 @@ from molmo_edge.runtime.serve.limits import Limits
 IMAGE_URI_FORMAT = "image-data-uri"      # custom string formats: a real image, as a data: URI or bare base64
 IMAGE_B64_FORMAT = "image-base64"
 IMAGES_PER_CONVERSATION = 1              # Molmo v1 families see one image per conversation
+# "not only whitespace", spelled so that JSON Schema (ECMA-262) and pydantic (Rust regex) agree: their
+# `\S` differ on characters such as U+0085
+NOT_BLANK = r"[^\x09-\x0d\x20]"
 
 # OpenAI parameters this server does not implement: (the values that mean "off", why not). A request
 # with any other value gets a 400 naming the parameter instead of a 200 that silently ignores it.
@@ -73,7 +76,7 @@ def build(lim: Limits, model_names: list[str], crops_cap: int) -> Schemas:
     Tokens = int_in(1, lim.max_new_tokens)
     Crops = int_in(1, crops_cap, description=f"crops per image, at most this server's --max-crops ({crops_cap})")
     Text = Annotated[str, Field(max_length=lim.max_prompt_chars)]
-    Prompt = Annotated[str, Field(min_length=1, max_length=lim.max_prompt_chars, pattern=r"\S")]
+    Prompt = Annotated[str, Field(min_length=1, max_length=lim.max_prompt_chars, pattern=NOT_BLANK)]
     ImageURI = Annotated[str, Field(json_schema_extra={"format": IMAGE_URI_FORMAT},
                                     description="an image as a data: URI (data:image/jpeg;base64,...); URLs are not fetched")]
 
@@ -117,7 +120,8 @@ def build(lim: Limits, model_names: list[str], crops_cap: int) -> Schemas:
         max_tokens: Tokens | None = Field(None, description="deprecated alias of max_completion_tokens")
         max_completion_tokens: Tokens | None = Field(None, description=f"default {lim.default_new_tokens}; with "
                                                      "max_tokens too, the smaller applies")
-        temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+        temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(
+            None, description="default 0 (greedy; so is anything below 1e-6)")
         top_p: Annotated[float, Field(gt=0, le=1)] | None = None
         seed: int_in(0, 2**63 - 1) | None = None
         n: Literal[1] | None = None
