@@ -8,7 +8,6 @@ import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle, BundleError
 from molmo_edge.runtime.deps import require
-from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.kv_cache import KVCache
 
 
