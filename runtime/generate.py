@@ -8,17 +8,22 @@ from typing import Callable, Sequence
 import numpy as np
 
 
+# Below this temperature sampling picks the most likely token anyway (its probability rounds to 1), and
+# dividing the logits by a temperature near 1e-308 would overflow to inf - inf = NaN: such requests are greedy.
+GREEDY_BELOW = 1e-6
+
+
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 200
-    temperature: float = 0.0          # 0 = greedy
+    temperature: float = 0.0          # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = field(default_factory=tuple)
 
 
 def pick_token(logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator) -> int:
-    if opts.temperature <= 0:
+    if not opts.temperature >= GREEDY_BELOW:   # also NaN or negative: greedy, never a NaN distribution
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / opts.temperature
     p = np.exp(z - z.max())
