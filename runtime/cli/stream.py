@@ -138,6 +138,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise MolmoEdgeError(f"{flag} must be more than 0 (got {value:g})")
     if a.max_crops is not None and a.max_crops < 1:
         raise MolmoEdgeError(f"--max-crops must be 1 or more (got {a.max_crops})")
+    if a.max_images < 1:
+        raise MolmoEdgeError(f"--max-images must be 1 or more (got {a.max_images})")
+    if a.clip_history is not None and not a.clip_history > 0:
+        raise MolmoEdgeError(f"--clip-history must be a positive number of seconds (got {a.clip_history:g})")
+    if a.clip_history and not a.source:
+        raise MolmoEdgeError("--clip-history keeps the last seconds of a camera: give the camera with --source URI")
     api_key = a.api_key or os.environ.get("MOLMO_EDGE_API_KEY") or None
     if api_key:
         check_key(api_key)
@@ -148,13 +154,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     default_new_tokens=min(a.default_new_tokens, a.max_new_tokens), queue_size=a.queue_size,
                     timeout_s=a.timeout, max_connections=a.max_connections, max_crops=a.max_crops,
                     header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout, max_sockets=a.max_sockets,
+                    max_images=a.max_images,
                     allow_hosts=tuple(a.allow_host or ()), cors_origins=tuple(a.cors_origin or ()))
     source = None
     if a.source:  # before the model: a missing camera fails at once
         from molmo_edge.runtime.cameras import open_source
-        source = open_source(a.source, loop=True, on_status=lambda m: say(f"source: {m}"))
+        source = open_source(a.source, loop=True, on_status=lambda m: say(f"source: {m}"), history=a.clip_history or 0.0)
     try:
         model = _load(a)
+        if a.clip_history and not model.cfg.is_molmo2:
+            raise MolmoEdgeError("--clip-history lets queries ask about a video clip, which needs a Molmo2 bundle; "
+                                 f"{a.bundle} is Molmo v1: drop --clip-history")
     except BaseException:
         if source is not None:
             source.close()
@@ -222,6 +232,8 @@ def add_commands(sub: Any) -> None:
                                    "One model, a bounded queue (503 + Retry-After when full), limits on every input.",
                        epilog="examples:\n  molmo-edge serve bundle --source /dev/video0        # open http://127.0.0.1:8000/\n"
                               "  curl -F image=@cat.jpg -F prompt='Point to the cat' http://127.0.0.1:8000/v1/query\n"
+                              "  molmo-edge serve molmo2-bundle --source 0 --clip-history 10   # then POST /v1/query\n"
+                              "      {\"prompt\": \"How many people walked in?\", \"clip\": 10}\n"
                               "  MOLMO_EDGE_API_KEY=secret molmo-edge serve bundle --host 0.0.0.0 --allow-host robot.local\n"
                               "      # open the printed one-time login link on the kiosk; API clients send the key as a header")
     _common(s)
@@ -243,6 +255,11 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     s.add_argument("--max-image-mp", type=float, default=24.0, help="largest image in megapixels (default 24)")
     s.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt (default 2000 characters)")
+    s.add_argument("--max-images", type=int, default=4, metavar="N",
+                   help="Molmo2: most images in one chat conversation (default 4; more get a 400). Molmo v1 sees one")
+    s.add_argument("--clip-history", type=float, default=None, metavar="SECONDS",
+                   help="Molmo2: keep the camera's last SECONDS (at up to 4 frames/s) so that /v1/query can ask about "
+                        "them as a video with `clip` (at most SECONDS)")
     s.add_argument("--max-connections", type=int, default=64,
                    help="requests in progress (past their body) before new ones get 503; /healthz is exempt (default 64)")
     s.add_argument("--max-sockets", type=int, default=512, help="open TCP connections; more are closed at once (default 512)")

@@ -15,7 +15,7 @@ from starlette.responses import Response, StreamingResponse
 
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.serve.bodies import SECURITY_HEADERS, disconnect_watcher, json_response, read_body
-from molmo_edge.runtime.serve.conversation import Conversation, conversation
+from molmo_edge.runtime.serve.conversation import Conversation, Media, conversation
 from molmo_edge.runtime.serve.errors import APIError, error_body
 from molmo_edge.runtime.serve.images import b64_image_bytes, decode_image
 from molmo_edge.runtime.serve.schemas import check_unsupported, validation_error
@@ -47,7 +47,7 @@ def parse(st: ServeState, body: bytes) -> Conversation:
         req = st.schemas.ChatRequest.model_validate_json(json.dumps(raw))
     except ValidationError as e:
         raise validation_error(e) from None
-    return conversation(req, st.limits, st.model_name)
+    return conversation(req, st.limits, st.model_name, st.images_cap)
 
 
 def _usage(ans: Any) -> dict[str, int]:
@@ -69,19 +69,22 @@ async def chat_completions(request: Request) -> Response:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise APIError(415, "send the chat request as application/json", None, "unsupported_media_type")
     conv = parse(st, await read_body(request))
-    image = None
-    if conv.images:
-        uri, param = conv.images[0]
+    images = []
+    for uri, param in conv.images:   # in order; each checked and decoded before any model work
         data = b64_image_bytes(uri, param, param)
-        image = await run_in_threadpool(decode_image, data, st.limits, param, param)
-    await run_in_threadpool(st.context.check, conv.prompt, conv.history, image, conv.options["max_crops"],
-                            conv.options["max_new_tokens"], "max_completion_tokens", "messages")
+        images.append(await run_in_threadpool(decode_image, data, st.limits, param, param))
+    try:
+        media = await run_in_threadpool(st.context.media, images, conv.options["max_crops"])
+        await run_in_threadpool(st.context.check, conv.prompt, conv.history, media, conv.options["max_new_tokens"],
+                                "max_completion_tokens", "messages")
+    except MolmoEdgeError as e:
+        raise APIError(400, str(e), None, "model_refused") from None
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if conv.stream:
-        return await _stream(request, st, conv, image, cid, created)
+        return await _stream(request, st, conv, media, cid, created)
 
     def work(job: Job) -> Any:
-        return st.model.ask(conv.prompt, image, on_text=job.check, **conv.options)
+        return st.model.ask(conv.prompt, on_text=job.check, **media.kwargs, **conv.options)
     try:
         ans = await run_job(st.worker, work, st.limits.timeout_s, st.limits.timeout_s, disconnect_watcher(request))
     except Cancelled as c:
@@ -96,7 +99,7 @@ async def chat_completions(request: Request) -> Response:
                           "usage": _usage(ans), "molmo": _extras(ans)})
 
 
-async def _stream(request: Request, st: ServeState, conv: Conversation, image: Any, cid: str, created: int) -> Response:
+async def _stream(request: Request, st: ServeState, conv: Conversation, media: Media, cid: str, created: int) -> Response:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -104,7 +107,7 @@ async def _stream(request: Request, st: ServeState, conv: Conversation, image: A
         def on_text(piece: str) -> None:
             job.check()
             loop.call_soon_threadsafe(events.put_nowait, ("text", piece))
-        return st.model.ask(conv.prompt, image, on_text=on_text, **conv.options)
+        return st.model.ask(conv.prompt, on_text=on_text, **media.kwargs, **conv.options)
 
     async def run() -> Any:
         try:

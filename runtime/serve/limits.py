@@ -24,5 +24,6 @@ class Limits:
     max_connections: int = 64          # requests in progress past their headers (healthz exempt); more get 503
     max_sockets: int = 512             # open TCP connections of any kind; more are closed at once
     max_crops: int | None = None       # server-wide cap on crops per image (None: the model's own)
+    max_images: int = 4                # images per chat conversation (Molmo2; Molmo v1 sees one)
     allow_hosts: tuple[str, ...] = field(default_factory=tuple)    # Host names accepted beyond the loopback ones
     cors_origins: tuple[str, ...] = field(default_factory=tuple)   # origins allowed cross-site ("*": any)

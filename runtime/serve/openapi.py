@@ -46,19 +46,29 @@ def openapi(st: ServeState) -> dict[str, Any]:
                   {"name": "max_crops", "in": "query", "required": False,
                    "schema": {"type": "integer", "minimum": 1, "maximum": st.crops_cap},
                    "description": "used where the body does not set it"}]
+    if st.clip_cap is not None:
+        raw_params.append({"name": "clip", "in": "query", "required": False,
+                           "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": st.clip_cap},
+                           "description": f"ask about the camera's last this many seconds as a video (at most "
+                                          f"{st.clip_cap:g}, --clip-history); used where the body does not set it"})
+    images = ("one image per conversation" if st.images_cap == 1 else
+              f"up to {st.images_cap} images per conversation, in order (--max-images)")
+    clips = (f" `/v1/query` with `clip: SECONDS` (at most {st.clip_cap:g}) asks about the camera's last seconds as a "
+             "video; its points carry the `time` and `frame` they belong to." if st.clip_cap is not None else "")
     security = [{"bearer": []}, {"apiKey": []}] if st.api_key else []
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "molmo-edge", "version": "2", "description":
-                 f"{st.model_name} (a Molmo vision-language model), offline. Points are in pixels of the image and in "
-                 f"percent of its width/height. Images are sent inline (format `{IMAGE_URI_FORMAT}`: a data: URI of a "
+                 f"{st.model_name} (a {st.family} vision-language model), offline: {images} in chat.{clips} Points "
+                 f"are in pixels of the image and in percent of its width/height. Images are sent inline (format `{IMAGE_URI_FORMAT}`: a data: URI of a "
                  f"PNG/JPEG/WebP image, `{IMAGE_B64_FORMAT}`: the same or bare base64) and must be at least "
                  f"{lim.min_image_side} px a side and at most {lim.max_image_pixels / 1e6:g} MP. A generation over the "
                  f"{lim.timeout_s:g} s limit is a 504 with `x-should-retry: false`; a full queue a 503 with Retry-After."},
         "components": {"schemas": schemas},
         "paths": {
             "/v1/query": {"post": {
-                "summary": "Answer prompts about an uploaded image or the latest camera frame",
+                "summary": "Answer prompts about an uploaded image, the latest camera frame"
+                           + (" or the camera's last seconds (clip)" if st.clip_cap is not None else ""),
                 "parameters": raw_params,
                 "requestBody": {"required": True, "content": {
                     **_json("QueryJSON"),

@@ -1,5 +1,6 @@
-"""POST /v1/query: prompts about an uploaded image (JSON base64, multipart, or a raw image/* body) or
-the latest camera frame -> answers with points, count and timings."""
+"""POST /v1/query: prompts about an uploaded image (JSON base64, multipart, or a raw image/* body), the
+latest camera frame, or (Molmo2, `clip`) the camera's last seconds as a video -> answers with points, count
+and timings."""
 from __future__ import annotations
 
 import re
@@ -22,12 +23,13 @@ from molmo_edge.runtime.serve.state import ServeState
 from molmo_edge.runtime.serve.worker import Cancelled, Job, run_job
 
 _NUMBER = re.compile(r"\s*-?\d{1,19}\s*")
-OPTIONS = ("max_new_tokens", "max_crops")
+_DECIMAL = re.compile(r"\s*-?\d{0,19}\.\d{1,19}\s*")
+OPTIONS = ("max_new_tokens", "max_crops", "clip")
 
 
 def _typed(v: str) -> Any:
-    """Form fields and query strings are text; integers in them count as integers."""
-    return int(v) if _NUMBER.fullmatch(v) else v
+    """Form fields and query strings are text; integers in them count as integers, decimals (clip=2.5) as numbers."""
+    return int(v) if _NUMBER.fullmatch(v) else float(v) if _DECIMAL.fullmatch(v) else v
 
 
 def _validate(model: Any, fields: dict[str, Any]) -> Any:
@@ -84,34 +86,49 @@ async def query(request: Request) -> Response:
         prompts = ([q.prompt] if q.prompt is not None else []) + (q.prompts or [])
         if q.image is not None:
             image_bytes = b64_image_bytes(q.image, "`image`", "image")
-        opts = {"max_new_tokens": q.max_new_tokens, "max_crops": q.max_crops}
+        opts = {"max_new_tokens": q.max_new_tokens, "max_crops": q.max_crops, "clip": q.clip}
         what = "`image`"
     elif ctype == "multipart/form-data":
         f = _validate(st.schemas.QueryForm, await _multipart(body, request.headers, st))
         prompts, image_bytes, what = f.prompt, f.image, "`image`"
-        opts = {"max_new_tokens": f.max_new_tokens, "max_crops": f.max_crops}
+        opts = {"max_new_tokens": f.max_new_tokens, "max_crops": f.max_crops, "clip": f.clip}
     else:
         prompts, image_bytes, what = [], body, "the body"
-        opts = {"max_new_tokens": None, "max_crops": None}
+        opts = {"max_new_tokens": None, "max_crops": None, "clip": None}
     prompts = prompts + params.prompt
     opts = {k: v if v is not None else getattr(params, k) for k, v in opts.items()}
     if not prompts:
         raise APIError(400, "no prompt: send `prompt` (a string) or `prompts` (a list of strings)", "prompt",
                        "missing_parameter")
     opts["max_new_tokens"] = opts["max_new_tokens"] or lim.default_new_tokens
-    frame = None
-    if image_bytes is not None:
-        image = await run_in_threadpool(decode_image, image_bytes, lim, what, "image")
-    else:
-        frame = await run_in_threadpool(st.camera_frame)
-        image = frame.rgb
-    for p in prompts:   # each prompt is its own question about the image
-        await run_in_threadpool(st.context.check, p, [], image, opts["max_crops"], opts["max_new_tokens"],
-                                "max_new_tokens", "prompt")
+    clip = opts.pop("clip")
+    frame, clip_info = None, None
+    try:
+        if clip is not None:
+            st.check_clip()
+            if image_bytes is not None:
+                raise APIError(400, "`clip` asks about the camera's last seconds: send it without an image (or send the "
+                                    "image without `clip`)", "clip", "invalid_value")
+            video, frame, clip_info = await run_in_threadpool(st.camera_clip, float(clip))
+            media = await run_in_threadpool(st.context.media, (), None, video)
+            width, height = video.size[1], video.size[0]
+            clip_info["sampled"] = int(video.grid[0])   # the frames the model sees, at their capture times
+        else:
+            if image_bytes is not None:
+                image = await run_in_threadpool(decode_image, image_bytes, lim, what, "image")
+            else:
+                frame = await run_in_threadpool(st.camera_frame)
+                image = frame.rgb
+            media = await run_in_threadpool(st.context.media, [image], opts["max_crops"])
+            height, width = image.shape[:2]
+        for p in prompts:   # each prompt is its own question about the image or clip
+            await run_in_threadpool(st.context.check, p, [], media, opts["max_new_tokens"], "max_new_tokens", "prompt")
+    except MolmoEdgeError as e:
+        raise APIError(400, str(e), None, "model_refused") from None
     t_run = time.monotonic()
 
     def work(job: Job) -> list[Any]:
-        return [st.model.ask(p, image, on_text=job.check, **opts) for p in prompts]
+        return [st.model.ask(p, on_text=job.check, **media.kwargs, **opts) for p in prompts]
     try:
         answers = await run_job(st.worker, work, lim.timeout_s, lim.timeout_s, disconnect_watcher(request))
     except Cancelled as c:
@@ -122,10 +139,13 @@ async def query(request: Request) -> Response:
         return Response(status_code=499)
     except MolmoEdgeError as e:
         raise APIError(400, str(e), None, "model_refused") from None
-    info: dict[str, Any] = {"width": int(image.shape[1]), "height": int(image.shape[0]),
+    info: dict[str, Any] = {"width": int(width), "height": int(height),
                             "source": "camera" if frame is not None else "upload"}
     if frame is not None:
         info.update(frame=frame.id, timestamp=round(frame.timestamp, 3))
+    if clip_info is not None:   # points carry their frame's time; the latest frame's overlay would misplace them
+        info["clip"] = clip_info
+    elif frame is not None:
         st.remember_camera_points(frame.id, [p for a in answers for p in a.points])
     model_ms = sum(sum(v for k, v in a.timings.items() if k != "decode_tokens_per_s") for a in answers)
     return json_response({"answers": [a.to_dict() for a in answers], "image": info,

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from molmo_edge.runtime.serve.errors import APIError
 from molmo_edge.runtime.serve.limits import Limits
 
 IMAGE_URI_FORMAT = "image-data-uri"      # custom string formats: a real image, as a data: URI or bare base64
 IMAGE_B64_FORMAT = "image-base64"
-IMAGES_PER_CONVERSATION = 1              # Molmo v1 families see one image per conversation
+IMAGES_PER_CONVERSATION = 1              # Molmo v1 sees one image per conversation (Molmo2: --max-images)
 # "not only whitespace", spelled so that JSON Schema (ECMA-262) and pydantic (Rust regex) agree: their
 # `\S` differ on characters such as U+0085
 NOT_BLANK = r"[^\x09-\x0d\x20]"
@@ -71,8 +72,16 @@ class Schemas:
     responses: dict[str, type[BaseModel]]
 
 
-def build(lim: Limits, model_names: list[str], crops_cap: int) -> Schemas:
-    """Models whose bounds are this server's limits."""
+def _described(text: str) -> ConfigDict:
+    """Strict models whose description is built at run time (it names this server's limits)."""
+    return ConfigDict(strict=True, extra="forbid", json_schema_extra={"description": text})
+
+
+def build(lim: Limits, model_names: list[str], crops_cap: int, images_cap: int = IMAGES_PER_CONVERSATION,
+          family: str = "Molmo v1", clip_cap: float | None = None) -> Schemas:
+    """Models whose bounds are this server's limits. `images_cap`: images per chat conversation (1 for Molmo v1);
+    `clip_cap`: the seconds of camera history a query may ask about as a video (None: `clip` is not offered, and is
+    kept out of the schema, but still read, so that the handler can say why it is refused)."""
     Tokens = int_in(1, lim.max_new_tokens)
     Crops = int_in(1, crops_cap, description=f"crops per image, at most this server's --max-crops ({crops_cap})")
     Text = Annotated[str, Field(max_length=lim.max_prompt_chars)]
@@ -112,9 +121,12 @@ def build(lim: Limits, model_names: list[str], crops_cap: int) -> Schemas:
     class StreamOptions(Strict):
         include_usage: bool = False
 
-    class ChatRequest(Strict):
-        """OpenAI chat completion request. The last message must come from the user; the conversation may hold
-        at most one image (Molmo v1); system messages go before the first question."""
+    images = ("at most one image (Molmo v1)" if images_cap == 1 else
+              f"up to {images_cap} images in all ({family}; --max-images), shown to the model in the order given")
+
+    class ChatRequest(BaseModel):
+        model_config = _described(f"OpenAI chat completion request. The last message must come from the user; the "
+                                  f"conversation may hold {images}; system messages go before the first question.")
         model: Literal[tuple(model_names)] | None = Field(None, description="the served model or an alias (GET /v1/models)")
         messages: Annotated[list[Message], Field(min_length=1, max_length=lim.max_messages)]
         max_tokens: Tokens | None = Field(None, description="deprecated alias of max_completion_tokens")
@@ -132,21 +144,33 @@ def build(lim: Limits, model_names: list[str], crops_cap: int) -> Schemas:
         user: Annotated[str, Field(max_length=256, description="accepted and not used")] | None = None
         max_crops: Crops | None = None
 
-    class QueryJSON(Strict):
-        """Prompts about one image: `image` (base64 or a data: URI), or the latest camera frame when omitted.
-        At least one prompt in all, from `prompt`, `prompts` and the query string (all are asked, in that order)."""
+    if clip_cap is not None:
+        Clip: Any = Annotated[float, Field(gt=0, le=clip_cap, description=(
+            f"ask about the last this many seconds of the camera as a video ({family}; at most --clip-history, "
+            f"{clip_cap:g} s), instead of its latest frame; not with `image`"))] | None
+        clip_text = " With `clip`, the last seconds of the camera as a video."
+    else:   # not offered by this server; read anyway so that a request using it gets a 400 that says why
+        Clip, clip_text = SkipJsonSchema[Any], ""
+
+    class QueryJSON(BaseModel):
+        model_config = _described("Prompts about one image: `image` (base64 or a data: URI), or the latest camera frame "
+                                  "when omitted." + clip_text + " At least one prompt in all, from `prompt`, `prompts` "
+                                  "and the query string (all are asked, in that order).")
         prompt: Prompt | None = None
         prompts: Annotated[list[Prompt], Field(min_length=1, max_length=lim.max_prompts)] | None = None
         image: Annotated[str, Field(json_schema_extra={"format": IMAGE_B64_FORMAT})] | None = None
         max_new_tokens: Tokens | None = Field(None, description=f"default {lim.default_new_tokens}")
         max_crops: Crops | None = None
+        clip: Clip = None
 
-    class QueryForm(Strict):
-        """multipart/form-data: `image` (a file; omitted: the camera frame), `prompt` (repeatable) and options."""
+    class QueryForm(BaseModel):
+        model_config = _described("multipart/form-data: `image` (a file; omitted: the camera frame), `prompt` "
+                                  "(repeatable) and options.")
         image: Annotated[bytes, Field(json_schema_extra={"format": "binary", "type": "string"})] = None
         prompt: Annotated[list[Prompt], Field(min_length=1, max_length=lim.max_prompts)]
         max_new_tokens: Tokens = None
         max_crops: Crops = None
+        clip: Clip = None
 
     class QueryParams(Strict):
         """The query string of POST /v1/query: prompts and options (with a raw image/* body, the only way to send
@@ -154,6 +178,7 @@ def build(lim: Limits, model_names: list[str], crops_cap: int) -> Schemas:
         prompt: Annotated[list[Prompt], Field(max_length=lim.max_prompts)] = []
         max_new_tokens: Tokens = None
         max_crops: Crops = None
+        clip: Clip = None
 
     # --- responses -------------------------------------------------------------------------------
     class ErrorDetail(Open):

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from molmo_edge.runtime.serve import schemas
-from molmo_edge.runtime.serve.conversation import ContextCheck
+from molmo_edge.runtime.serve.conversation import ContextCheck, is_molmo2
 from molmo_edge.runtime.serve.errors import APIError
 from molmo_edge.runtime.serve.limits import Limits
 from molmo_edge.runtime.serve.metrics import Metrics
@@ -34,7 +34,13 @@ class ServeState:
         self.model_name = model_name or _served_name(model)
         self.model_names = list(dict.fromkeys([self.model_name, "molmo"]))
         self.crops_cap = min(lim.max_crops, _model_crops(model)) if lim.max_crops else _model_crops(model)
-        self.schemas = schemas.build(lim, self.model_names, self.crops_cap)
+        self.molmo2 = is_molmo2(model)
+        self.family = "Molmo2" if self.molmo2 else "Molmo v1"
+        self.images_cap = lim.max_images if self.molmo2 else schemas.IMAGES_PER_CONVERSATION
+        # seconds of camera history a query may ask about as a video (None: no clips here)
+        history = float(getattr(source, "history", 0.0) or 0.0)
+        self.clip_cap = history if self.molmo2 and history > 0 else None
+        self.schemas = schemas.build(lim, self.model_names, self.crops_cap, self.images_cap, self.family, self.clip_cap)
         self.access = Access(api_key)
         self.hosts = HostCheck(lim.allow_hosts)
         self.access_log = access_log
@@ -87,6 +93,30 @@ class ServeState:
                                 "retry shortly", None, "camera_not_ready", {"Retry-After": "1"})
         return frame
 
+    def check_clip(self) -> None:
+        """A 400 that says why, where this server offers no clips (`clip` on /v1/query)."""
+        if not self.molmo2:
+            raise APIError(400, f"`clip` asks about the camera's last seconds as a video, which needs a Molmo2 bundle; "
+                                f"{self.model_name} is {self.family}: omit `clip` to ask about the latest frame",
+                           "clip", "clip_unsupported")
+        if self.source is None:
+            raise APIError(400, "`clip` asks about the camera's last seconds, but this server has no camera: start it "
+                                "with --source URI --clip-history SECONDS", "clip", "no_clip_history")
+        if self.clip_cap is None:
+            raise APIError(400, f"this server keeps no history of its camera ({self.source.name}): restart it with "
+                                "--clip-history SECONDS to ask about clips", "clip", "no_clip_history")
+
+    def camera_clip(self, seconds: float) -> tuple[Any, Any, dict[str, Any]]:
+        """(the last `seconds` of the camera as a preprocessed Molmo2 video, its newest frame, a description:
+        frames kept, seconds covered, start, end). Blocking: call from a thread."""
+        from molmo_edge.runtime.serve.watch import clip_media
+        self.check_clip()
+        got = clip_media(self.model, self.source, seconds)
+        if got is None:
+            raise APIError(503, f"the camera ({self.source.name}) has not kept two frames yet ({self.source.status}); "
+                                "retry shortly", None, "camera_not_ready", {"Retry-After": "1"})
+        return got
+
     def remember_camera_points(self, frame_id: int, points: list[Any]) -> None:
         self._last_camera = (frame_id, points)
 
@@ -114,4 +144,5 @@ class ServeState:
         return {"status": "ok", "model": self.model_name, "uptime_s": round(time.time() - self.started, 1),
                 "queue": {"depth": self.worker.depth, "capacity": self.worker.capacity, "busy": self.worker.busy},
                 "source": None if src is None else {"name": src.name, "status": src.status, "frames": src.frames,
-                                                    "dropped": src.dropped, "reconnects": src.reconnects}}
+                                                    "dropped": src.dropped, "reconnects": src.reconnects,
+                                                    "clip_history_s": float(getattr(src, "history", 0.0) or 0.0)}}

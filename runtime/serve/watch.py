@@ -108,9 +108,9 @@ def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _clip_media(model: Any, source: Source, seconds: float) -> tuple[Any, dict[str, Any]] | None:
-    """The last `seconds` of the source, preprocessed once for every prompt, and its description; None when
-    fewer than two frames were kept."""
+def clip_media(model: Any, source: Source, seconds: float) -> tuple[Any, Frame, dict[str, Any]] | None:
+    """The last `seconds` of the source, preprocessed once for every prompt (a Molmo2 video), its newest frame,
+    and its description (frames kept, seconds covered, start, end); None when fewer than two frames were kept."""
     from molmo_edge.runtime import molmo2_session
     frames = source.clip(seconds)
     if len(frames) < 2:
@@ -118,7 +118,7 @@ def _clip_media(model: Any, source: Source, seconds: float) -> tuple[Any, dict[s
     video = molmo2_session.processor(model).video(clip_arrays(frames))
     info = {"frames": len(frames), "seconds": round(frames[-1].timestamp - frames[0].timestamp, 3),
             "start": _iso(frames[0].timestamp), "end": _iso(frames[-1].timestamp)}
-    return video, info
+    return video, frames[-1], info
 
 
 def watch(model: Any, source: Source, prompts: Sequence[str], *, every: float | None = None, on_change: bool = False,
@@ -178,11 +178,11 @@ def watch(model: Any, source: Source, prompts: Sequence[str], *, every: float | 
             last_sig, last_ts = sig, frame.timestamp
             media, clip_info = None, None
             if clip:
-                got = _clip_media(model, source, clip)
+                got = clip_media(model, source, clip)
                 if got is None:
                     skipped_since += 1
                     continue
-                (media, clip_info), pending = got, None
+                (media, _, clip_info), pending = got, None
             answers = []
             for prompt in prompts:
                 t = time.perf_counter()
