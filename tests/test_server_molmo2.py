@@ -103,13 +103,15 @@ def test_query_asks_about_the_last_seconds_as_a_video(served):
     image_only = st.model.ask("How many balls went by?", images=[rgb(0)], max_new_tokens=1).prompt_tokens
     video_tokens = res["answers"][0]["prompt_tokens"]
     assert video_tokens != image_only and res["answers"][0]["stop_reason"] in ("length", "eos")
-    # the same option as a form field and in the query string (decimals are numbers there)
+    # the same option as a form field (decimals are numbers there)
     s, _, out = request(base, "POST", "/v1/query", b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nHi"
                         b"\r\n--b\r\nContent-Disposition: form-data; name=\"clip\"\r\n\r\n1.5\r\n--b--\r\n",
                         {"Content-Type": "multipart/form-data; boundary=b"})
     assert s == 200 and "clip" in json.loads(out)["image"], out
-    s, _, out = request(base, "POST", "/v1/query?clip=2.5", {"prompt": "Hi", "max_new_tokens": 2})
-    assert s == 200 and "clip" in json.loads(out)["image"], out
+    s, _, out = request(base, "POST", "/v1/query", {"prompt": "Hi", "max_new_tokens": 2, "clip": 5e-324})
+    assert s == 200 and json.loads(out)["image"]["clip"]["frames"] == 1, out   # shorter than a frame: the newest one
+    s, _, out = request(base, "POST", "/v1/query?clip=2", png(64, 64), {"Content-Type": "image/png"})
+    assert s == 400 and error_of(out)["param"] == "clip" and "body" in error_of(out)["message"]
     # refusals name the parameter
     s, _, out = request(base, "POST", "/v1/query", {"prompt": "Hi", "clip": CLIP_HISTORY + 1})
     assert s == 400 and error_of(out)["param"] == "clip" and "less than or equal to 3" in error_of(out)["message"]
@@ -135,7 +137,7 @@ def test_health_models_and_openapi_describe_molmo2(served):
     clip = next(a for a in schemas["QueryJSON"]["properties"]["clip"]["anyOf"] if a.get("type") == "number")
     assert clip["maximum"] == CLIP_HISTORY and "clip" in schemas["QueryForm"]["properties"]
     assert "up to 3 images" in schemas["ChatRequest"]["description"] and "Molmo2" in doc["info"]["description"]
-    assert any(p["name"] == "clip" for p in doc["paths"]["/v1/query"]["post"]["parameters"])
+    assert not any(p["name"] == "clip" for p in doc["paths"]["/v1/query"]["post"]["parameters"])   # body only
 
 
 def test_the_context_check_counts_molmo2_tokens_exactly(m2bundle):
@@ -176,7 +178,7 @@ def test_clip_refusals_without_history_or_on_molmo_v1(m2bundle, tmp_path, tmp_pa
     src = open_source(make_video(tmp_path / "cam.mp4"), loop=True)   # a camera that keeps no history
     try:
         with serving(m2bundle, src, limits=LIMITS) as (base, _):
-            s, _, out = request(base, "POST", "/v1/query?clip=2", {"prompt": "Hi"})
+            s, _, out = request(base, "POST", "/v1/query", {"prompt": "Hi", "clip": 2})
             assert s == 400 and error_of(out)["code"] == "no_clip_history" and "--clip-history" in error_of(out)["message"]
             doc = json.loads(request(base, "GET", "/openapi.json")[2])
             assert "clip" not in doc["components"]["schemas"]["QueryJSON"]["properties"]

@@ -46,11 +46,6 @@ def openapi(st: ServeState) -> dict[str, Any]:
                   {"name": "max_crops", "in": "query", "required": False,
                    "schema": {"type": "integer", "minimum": 1, "maximum": st.crops_cap},
                    "description": "used where the body does not set it"}]
-    if st.clip_cap is not None:
-        raw_params.append({"name": "clip", "in": "query", "required": False,
-                           "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": st.clip_cap},
-                           "description": f"ask about the camera's last this many seconds as a video (at most "
-                                          f"{st.clip_cap:g}, --clip-history); used where the body does not set it"})
     images = ("one image per conversation" if st.images_cap == 1 else
               f"up to {st.images_cap} images per conversation, in order (--max-images)")
     clips = (f" `/v1/query` with `clip: SECONDS` (at most {st.clip_cap:g}) asks about the camera's last seconds as a "

@@ -23,12 +23,13 @@ from molmo_edge.runtime.serve.state import ServeState
 from molmo_edge.runtime.serve.worker import Cancelled, Job, run_job
 
 _NUMBER = re.compile(r"\s*-?\d{1,19}\s*")
-_DECIMAL = re.compile(r"\s*-?\d{0,19}\.\d{1,19}\s*")
-OPTIONS = ("max_new_tokens", "max_crops", "clip")
+_DECIMAL = re.compile(r"\s*-?(\d{1,19}(\.\d{0,19})?|\.\d{1,19})([eE][-+]?\d{1,3})?\s*")
+OPTIONS = ("max_new_tokens", "max_crops")
 
 
 def _typed(v: str) -> Any:
-    """Form fields and query strings are text; integers in them count as integers, decimals (clip=2.5) as numbers."""
+    """Form fields and query strings are text; integers in them count as integers, other numbers (clip=2.5, 1e-3)
+    as floats."""
     return int(v) if _NUMBER.fullmatch(v) else float(v) if _DECIMAL.fullmatch(v) else v
 
 
@@ -96,6 +97,10 @@ async def query(request: Request) -> Response:
         prompts, image_bytes, what = [], body, "the body"
         opts = {"max_new_tokens": None, "max_crops": None, "clip": None}
     prompts = prompts + params.prompt
+    if params.clip is not None:   # a clip is about the camera, never about an image body: a body option only
+        st.check_clip()
+        raise APIError(400, "`clip` goes in the body (a JSON field or a form field), not in the query string", "clip",
+                       "invalid_value")
     opts = {k: v if v is not None else getattr(params, k) for k, v in opts.items()}
     if not prompts:
         raise APIError(400, "no prompt: send `prompt` (a string) or `prompts` (a list of strings)", "prompt",

@@ -72,9 +72,9 @@ class Schemas:
     responses: dict[str, type[BaseModel]]
 
 
-def _described(text: str) -> ConfigDict:
+def _described(text: str, **extra: Any) -> ConfigDict:
     """Strict models whose description is built at run time (it names this server's limits)."""
-    return ConfigDict(strict=True, extra="forbid", json_schema_extra={"description": text})
+    return ConfigDict(strict=True, extra="forbid", json_schema_extra={"description": text, **extra})
 
 
 def build(lim: Limits, model_names: list[str], crops_cap: int, images_cap: int = IMAGES_PER_CONVERSATION,
@@ -148,14 +148,17 @@ def build(lim: Limits, model_names: list[str], crops_cap: int, images_cap: int =
         Clip: Any = Annotated[float, Field(gt=0, le=clip_cap, description=(
             f"ask about the last this many seconds of the camera as a video ({family}; at most --clip-history, "
             f"{clip_cap:g} s), instead of its latest frame; not with `image`"))] | None
-        clip_text = " With `clip`, the last seconds of the camera as a video."
+        clip_text = " With `clip`, the last seconds of the camera as a video (not with `image`)."
+        # a clip is about the camera: not with an uploaded image (both given is a 400 naming `clip`)
+        not_both = {"not": {"required": ["clip", "image"], "properties": {"clip": {"type": "number"},
+                                                                           "image": {"type": "string"}}}}
     else:   # not offered by this server; read anyway so that a request using it gets a 400 that says why
-        Clip, clip_text = SkipJsonSchema[Any], ""
+        Clip, clip_text, not_both = SkipJsonSchema[Any], "", {}
 
     class QueryJSON(BaseModel):
         model_config = _described("Prompts about one image: `image` (base64 or a data: URI), or the latest camera frame "
                                   "when omitted." + clip_text + " At least one prompt in all, from `prompt`, `prompts` "
-                                  "and the query string (all are asked, in that order).")
+                                  "and the query string (all are asked, in that order).", **not_both)
         prompt: Prompt | None = None
         prompts: Annotated[list[Prompt], Field(min_length=1, max_length=lim.max_prompts)] | None = None
         image: Annotated[str, Field(json_schema_extra={"format": IMAGE_B64_FORMAT})] | None = None
@@ -165,7 +168,7 @@ def build(lim: Limits, model_names: list[str], crops_cap: int, images_cap: int =
 
     class QueryForm(BaseModel):
         model_config = _described("multipart/form-data: `image` (a file; omitted: the camera frame), `prompt` "
-                                  "(repeatable) and options.")
+                                  "(repeatable) and options." + clip_text, **not_both)
         image: Annotated[bytes, Field(json_schema_extra={"format": "binary", "type": "string"})] = None
         prompt: Annotated[list[Prompt], Field(min_length=1, max_length=lim.max_prompts)]
         max_new_tokens: Tokens = None
@@ -178,7 +181,7 @@ def build(lim: Limits, model_names: list[str], crops_cap: int, images_cap: int =
         prompt: Annotated[list[Prompt], Field(max_length=lim.max_prompts)] = []
         max_new_tokens: Tokens = None
         max_crops: Crops = None
-        clip: Clip = None
+        clip: SkipJsonSchema[Any] = None   # a body option only; read to say so
 
     # --- responses -------------------------------------------------------------------------------
     class ErrorDetail(Open):

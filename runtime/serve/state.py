@@ -111,9 +111,10 @@ class ServeState:
         frames kept, seconds covered, start, end). Blocking: call from a thread."""
         from molmo_edge.runtime.serve.watch import clip_media
         self.check_clip()
-        got = clip_media(self.model, self.source, seconds)
+        # a clip shorter than the time between kept frames holds one frame: a one-frame video, still an answer
+        got = clip_media(self.model, self.source, seconds, min_frames=1)
         if got is None:
-            raise APIError(503, f"the camera ({self.source.name}) has not kept two frames yet ({self.source.status}); "
+            raise APIError(503, f"the camera ({self.source.name}) has not delivered a frame yet ({self.source.status}); "
                                 "retry shortly", None, "camera_not_ready", {"Retry-After": "1"})
         return got
 

@@ -108,12 +108,13 @@ def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def clip_media(model: Any, source: Source, seconds: float) -> tuple[Any, Frame, dict[str, Any]] | None:
+def clip_media(model: Any, source: Source, seconds: float, min_frames: int = 2
+               ) -> tuple[Any, Frame, dict[str, Any]] | None:
     """The last `seconds` of the source, preprocessed once for every prompt (a Molmo2 video), its newest frame,
-    and its description (frames kept, seconds covered, start, end); None when fewer than two frames were kept."""
+    and its description (frames kept, seconds covered, start, end); None when fewer than `min_frames` were kept."""
     from molmo_edge.runtime import molmo2_session
     frames = source.clip(seconds)
-    if len(frames) < 2:
+    if len(frames) < max(1, min_frames):
         return None
     video = molmo2_session.processor(model).video(clip_arrays(frames))
     info = {"frames": len(frames), "seconds": round(frames[-1].timestamp - frames[0].timestamp, 3),
