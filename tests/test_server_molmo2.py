@@ -124,6 +124,8 @@ def test_query_asks_about_the_last_seconds_as_a_video(served):
     assert s == 200 and json.loads(out)["image"]["source"] == "upload"
     s, _, out = request(base, "POST", "/v1/query", {"prompt": "Hi", "max_new_tokens": 2})
     assert s == 200 and "clip" not in json.loads(out)["image"]
+    s, h, out = request(base, "GET", "/v1/frame?points=1")
+    assert s == 200 and h["content-type"] == "image/jpeg" and out[:2] == b"\xff\xd8"
 
 
 def test_health_models_and_openapi_describe_molmo2(served):
@@ -166,6 +168,19 @@ def test_context_overflow_is_a_400_before_the_vision_pass(m2bundle):
         body["messages"][0]["content"] = [image_part(0), {"type": "text", "text": "?"}]
         s, _, out = request(base, "POST", "/v1/chat/completions", {**body, "max_tokens": 4})
         assert s == 200, out
+
+
+def test_max_crops_caps_requests_that_do_not_say(m2bundle):
+    m = Molmo.load(m2bundle)
+    one = m.ask("?", images=[rgb(0, 640, 480)], max_new_tokens=1, max_crops=1).prompt_tokens
+    assert one < m.ask("?", images=[rgb(0, 640, 480)], max_new_tokens=1).prompt_tokens
+    with serving(m2bundle, model=m, limits=Limits(max_crops=1, max_new_tokens=4)) as (base, _):
+        r = client(base).chat.completions.create(model="molmo", max_tokens=1, messages=[
+            {"role": "user", "content": [image_part(0, 640, 480), {"type": "text", "text": "?"}]}])
+        assert r.usage.prompt_tokens == one
+        s, _, out = request(base, "POST", "/v1/query", {"prompt": "?", "max_new_tokens": 1,
+                                                        "image": base64.b64encode(png(640, 480)).decode()})
+        assert s == 200 and json.loads(out)["answers"][0]["prompt_tokens"] == one
 
 
 def test_clip_refusals_without_history_or_on_molmo_v1(m2bundle, tmp_path, tmp_path_factory):

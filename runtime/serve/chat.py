@@ -69,6 +69,7 @@ async def chat_completions(request: Request) -> Response:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise APIError(415, "send the chat request as application/json", None, "unsupported_media_type")
     conv = parse(st, await read_body(request))
+    conv.options["max_crops"] = conv.options["max_crops"] or st.default_crops
     images = []
     for uri, param in conv.images:   # in order; each checked and decoded before any model work
         data = b64_image_bytes(uri, param, param)

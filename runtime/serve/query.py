@@ -106,6 +106,7 @@ async def query(request: Request) -> Response:
         raise APIError(400, "no prompt: send `prompt` (a string) or `prompts` (a list of strings)", "prompt",
                        "missing_parameter")
     opts["max_new_tokens"] = opts["max_new_tokens"] or lim.default_new_tokens
+    opts["max_crops"] = opts["max_crops"] or st.default_crops
     clip = opts.pop("clip")
     frame, clip_info = None, None
     try:

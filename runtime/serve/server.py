@@ -5,9 +5,11 @@ and a kiosk page, on uvicorn + Starlette.
 
 Endpoints (the full schema, generated from the request models, is GET /openapi.json):
 
-  POST /v1/query              image (multipart, base64 JSON, raw image/* body) or the latest camera frame,
+  POST /v1/query              image (multipart, base64 JSON, raw image/* body), the latest camera frame or
+                              (Molmo2, "clip": S with --clip-history) its last S seconds as a video,
                               one or more prompts -> answers with points, count, timings
-  POST /v1/chat/completions   OpenAI-compatible; the image as a data: URI; "stream": true -> server-sent events
+  POST /v1/chat/completions   OpenAI-compatible; images as data: URIs (Molmo v1: one; Molmo2: up to
+                              --max-images, in order); "stream": true -> server-sent events
   GET  /v1/frame              latest camera frame as JPEG (?points=1 draws the last camera answer's points)
   GET  /v1/models, /v1/models/{id}, /healthz, /metrics (Prometheus), /openapi.json, / (the kiosk page)
   GET  /login?token=...       one-time kiosk login link -> session cookie; POST /v1/login-links mints one

@@ -34,6 +34,8 @@ class ServeState:
         self.model_name = model_name or _served_name(model)
         self.model_names = list(dict.fromkeys([self.model_name, "molmo"]))
         self.crops_cap = min(lim.max_crops, _model_crops(model)) if lim.max_crops else _model_crops(model)
+        # with --max-crops, a request that does not say gets the cap too (not the model's larger default)
+        self.default_crops = self.crops_cap if lim.max_crops else None
         self.molmo2 = is_molmo2(model)
         self.family = "Molmo2" if self.molmo2 else "Molmo v1"
         self.images_cap = lim.max_images if self.molmo2 else schemas.IMAGES_PER_CONVERSATION
