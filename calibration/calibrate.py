@@ -278,9 +278,12 @@ def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, m
     from molmo_edge.runtime.session import Molmo
 
     runs = {}
-    for precision in ("fp32", "int8"):
-        runs[precision] = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"], threads=threads,
-                                                   precision=precision))
+    # "int8" here is the calibrated INT8 vision graph with the bundle's quantized decoder: --precision int8 when
+    # there is an INT8 decoder, else --precision int4 (which also runs the INT8 vision graph)
+    quantized = "int8" if "decoder.int8" in bundle.manifest["graphs"] else "int4"
+    for label, precision in (("fp32", "fp32"), ("int8", quantized)):
+        runs[label] = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"], threads=threads,
+                                               precision=precision))
     cases = []
     total = len(holdout) * len(prompts)
     for i, frame in enumerate(holdout):
@@ -293,6 +296,7 @@ def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, m
             rec["point_distance_px"] = point_distance(rec["fp32"]["points"], rec["int8"]["points"])
             cases.append(rec)
         progress(f"[calibrate] end to end: {len(cases)}/{total} answers compared")
-    return {"graphs": {p: list(select_graphs(bundle.manifest, p, fused=True)) for p in runs},
+    return {"graphs": {label: list(select_graphs(bundle.manifest, p, fused=True))
+                       for label, p in (("fp32", "fp32"), ("int8", quantized))},
             "prompts": [p.to_dict() for p in prompts], "max_new_tokens": max_new_tokens,
             "frames": [f.sha256 for f in holdout], "cases": cases, "summary": answer_summary(cases)}

@@ -14,6 +14,7 @@ decoder larger than memory (MolmoE-1B: 29 GB of fp32) is quantized in bounded me
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass
 import os
 import re
 import sys
@@ -24,13 +25,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.calibration import CalibrationError
 from molmo_edge.calibration.staging import commit, staging
 
 BLOCK_SIZES = (32, 64, 128)
-ALIGN = 64
 _DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _KINDS = (("experts", re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")),
           ("attention", re.compile(r"\.(att_proj|attn_out)\.weight$")),
@@ -88,51 +89,59 @@ def dequantize_blockwise(b: np.ndarray, scales: np.ndarray, bits: int, block_siz
     return np.ascontiguousarray(w.reshape(n, nb * block_size)[:, :k].T)
 
 
-class _DataWriter:
-    """Appends tensors to one external-data file (64-byte aligned) and returns their TensorProtos."""
+@dataclass(frozen=True)
+class BlockQuantizer:
+    """The weight-only quantizer export's GraphBuilder calls while writing (`export --weights`): which
+    linear weights it quantizes (weight_kind: attention, FFN, experts; the MoE router stays float, the LM
+    head too unless head_bits is 4 or 8), and the blockwise math above. Passed in by the CLI, since export
+    may not import calibration. scales "fp16" halves the scales (MatMulNBits then computes with fp16
+    activations: the graph casts around each such MatMul), the Orin-size setting."""
+    bits: int = 4
+    block_size: int = 32
+    accuracy_level: int = 4
+    head_bits: int = 0          # 0: float LM head; 8 or 4: MatMulNBits at that width
+    scales: str = "fp32"
 
-    def __init__(self, path: str):
-        self.path = path
-        self.f = open(path, "wb")
-        self.offset = 0
+    @property
+    def quantize_head(self) -> bool:
+        return self.head_bits > 0
 
-    def _ref(self, name: str, data_type: int, dims: tuple[int, ...], nbytes: int) -> onnx.TensorProto:
-        t = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
-        t.data_location = TensorProto.EXTERNAL
-        for key, val in (("location", os.path.basename(self.path)), ("offset", str(self.offset)), ("length", str(nbytes))):
-            t.external_data.add(key=key, value=val)
-        self.offset += nbytes
-        return t
+    def bits_for(self, name: str) -> int:
+        return self.head_bits if name == "lm_head.weight" else self.bits
 
-    def _align(self) -> None:
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self.f.write(b"\0" * pad)
-            self.offset += pad
+    def wants(self, name: str) -> bool:
+        if name == "lm_head.weight":  # the graph's name for the head
+            return self.quantize_head
+        return weight_kind(name, "lm_head.weight") is not None
 
-    def array(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
-        arr = np.ascontiguousarray(arr)
-        if arr.nbytes <= 1024:
-            return numpy_helper.from_array(arr, name)
-        self._align()
-        self.f.write(arr.tobytes())
-        return self._ref(name, numpy_helper.helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape, arr.nbytes)
+    def quantize(self, w_in_out: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+        b, s = quantize_blockwise(w_in_out, self.bits_for(name), self.block_size)
+        if self.scales == "fp16":
+            s = s.astype(np.float16)
+        return b, s
 
-    def copy(self, t: onnx.TensorProto, src_path: str, offset: int, length: int) -> onnx.TensorProto:
-        self._align()
-        with open(src_path, "rb") as src:
-            src.seek(offset)
-            left = length
-            while left:
-                chunk = src.read(min(left, 64 << 20))
-                if not chunk:
-                    raise CalibrationError(f"{src_path} ends early (tensor {t.name}); the bundle is damaged: re-export it")
-                self.f.write(chunk)
-                left -= len(chunk)
-        return self._ref(t.name, t.data_type, tuple(t.dims), length)
+    def dequantize(self, b: np.ndarray, scales: np.ndarray, k: int, name: str = "") -> np.ndarray:
+        return dequantize_blockwise(b, np.asarray(scales, np.float32), self.bits_for(name), self.block_size, k)
 
-    def close(self) -> None:
-        self.f.close()
+
+HEAD_CHOICES = {"float": 0, "int8": 8, "int4": 4}
+
+
+def make_quantizer(bits: int, block_size: int = 32, accuracy_level: int | None = None, head: str = "float",
+                   scales: str = "fp32") -> BlockQuantizer:
+    """A checked BlockQuantizer (one-line errors for unsupported settings). head: float, int8 or int4."""
+    if bits not in (4, 8):
+        raise CalibrationError(f"--weights int{bits} is not supported; use int4 or int8")
+    if block_size not in BLOCK_SIZES:
+        raise CalibrationError(f"--block-size {block_size} is not supported; use one of {', '.join(map(str, BLOCK_SIZES))}")
+    level = 4 if accuracy_level is None else int(accuracy_level)
+    if level not in (0, 1, 2, 3, 4):
+        raise CalibrationError(f"--accuracy-level {accuracy_level} must be 0-4 (0: fp32 compute, 4: int8 compute)")
+    if scales not in ("fp32", "fp16"):
+        raise CalibrationError(f"--scales {scales} is not supported; use fp32 or fp16")
+    if head not in HEAD_CHOICES:
+        raise CalibrationError(f"--head {head} is not supported; use {', '.join(HEAD_CHOICES)}")
+    return BlockQuantizer(bits, block_size, level, HEAD_CHOICES[head], scales)
 
 
 def _external(t: onnx.TensorProto, folder: str) -> tuple[str, int, int] | None:
@@ -155,8 +164,10 @@ def _load(t: onnx.TensorProto, folder: str) -> np.ndarray:
 
 
 def quantize_graph(src: str, dst: str, bits: int, block_size: int, lm_head: str, accuracy_level: int,
-                   progress: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Write `dst` (+ `dst`.data): the decoder at `src` with MatMulNBits for attention/FFN/expert weights."""
+                   progress: Callable[[str], None] = _say, head_bits: int = 0,
+                   scales: str = "fp32") -> dict[str, Any]:
+    """Write `dst` (+ `dst`.data): the decoder at `src` with MatMulNBits for attention/FFN/expert weights
+    (and the LM head at head_bits when 4 or 8); scales "fp16" wraps each MatMulNBits in Casts to fp16 activations."""
     if block_size not in BLOCK_SIZES:
         raise CalibrationError(f"--block-size {block_size} is not supported; use one of {', '.join(map(str, BLOCK_SIZES))}")
     folder = os.path.dirname(os.path.abspath(src))
@@ -172,17 +183,18 @@ def quantize_graph(src: str, dst: str, bits: int, block_size: int, lm_head: str,
         if b not in inits and b in producer and producer[b].op_type == "Cast" and producer[b].input[0] in inits:
             b = producer[b].input[0]
         if b in inits and len(inits[b].dims) == 2 and inits[b].data_type in _DTYPES:
-            kind = weight_kind(b, lm_head)
+            kind = "head" if head_bits and b in (lm_head, "lm_head.weight") else weight_kind(b, lm_head)
             if kind:
                 plan[node.name] = (b, kind)
     if not plan:
         raise CalibrationError(f"{os.path.basename(src)} has no attention, FFN or expert MatMul weights to quantize; "
                                "is it a molmo-edge decoder graph?")
     quantized_weights = {w for w, _ in plan.values()}
-    writer = _DataWriter(dst + ".data")
+    width = {w: head_bits if kind == "head" else bits for w, kind in plan.values()}
+    writer = ExternalDataWriter(dst + ".data")
     new_inits: list[onnx.TensorProto] = []
     packed: dict[str, tuple[str, str, int, int]] = {}
-    counts = {"attention": 0, "ffn": 0, "experts": 0}
+    counts = {"attention": 0, "ffn": 0, "experts": 0, "head": 0}
     before = after = 0
     t0 = time.perf_counter()
     try:
@@ -191,9 +203,11 @@ def quantize_graph(src: str, dst: str, bits: int, block_size: int, lm_head: str,
             if t.name in quantized_weights:
                 w = _load(t, folder)
                 k, n = w.shape
-                b, s = quantize_blockwise(np.asarray(w, np.float32), bits, block_size)
-                bn, sn = f"{t.name}.q{bits}", f"{t.name}.q{bits}_scales"
-                new_inits += [writer.array(bn, b), writer.array(sn, s)]
+                nb = width[t.name]
+                b, s = quantize_blockwise(np.asarray(w, np.float32), nb, block_size)
+                s = s.astype(np.float16) if scales == "fp16" else s
+                bn, sn = f"{t.name}.q{nb}", f"{t.name}.q{nb}_scales"
+                new_inits += [tensor_proto(writer, bn, b), tensor_proto(writer, sn, s)]
                 packed[t.name] = (bn, sn, k, n)
                 before += int(np.prod(t.dims)) * np.dtype(_DTYPES[t.data_type]).itemsize
                 after += b.nbytes + s.nbytes
@@ -202,18 +216,34 @@ def quantize_graph(src: str, dst: str, bits: int, block_size: int, lm_head: str,
                     progress(f"[quantize] {done}/{len(quantized_weights)} weights, {time.perf_counter() - t0:.0f} s")
                 continue
             ext = _external(t, folder)
-            new_inits.append(writer.copy(t, *ext) if ext else t)
+            if ext is None:
+                new_inits.append(t)
+                continue
+            try:
+                offset, length = writer.copy_from(*ext, dtype=np.dtype(_DTYPES.get(t.data_type, np.float32)).name)
+            except OSError as e:
+                raise CalibrationError(f"{e} (tensor {t.name})") from None
+            new_inits.append(external_tensor(t.name, t.data_type, tuple(t.dims), writer.location, offset, length))
     finally:
         writer.close()
     nodes = []
+    half_of: dict[str, str] = {}
     for node in graph.node:
         if node.name in plan:
             w, kind = plan[node.name]
             bn, sn, k, n = packed[w]
             counts[kind] += 1
-            nodes.append(helper.make_node("MatMulNBits", [node.input[0], bn, sn], list(node.output), name=node.name,
-                                          domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size,
+            a, y = node.input[0], list(node.output)
+            if scales == "fp16":  # MatMulNBits takes activations of its scales' type; one Cast per activation
+                if a not in half_of:
+                    half_of[a] = a + ".f16"
+                    nodes.append(helper.make_node("Cast", [a], [half_of[a]], name=node.name + ".cast_in", to=TensorProto.FLOAT16))
+                a, y = half_of[a], [y[0] + ".f16"]
+            nodes.append(helper.make_node("MatMulNBits", [a, bn, sn], y, name=node.name,
+                                          domain="com.microsoft", K=k, N=n, bits=width[w], block_size=block_size,
                                           accuracy_level=accuracy_level))
+            if scales == "fp16":
+                nodes.append(helper.make_node("Cast", y, list(node.output), name=node.name + ".cast_out", to=TensorProto.FLOAT))
         else:
             nodes.append(node)
     # drop Casts (fp16 bundles) and float weights nothing reads any more
@@ -233,7 +263,8 @@ def quantize_graph(src: str, dst: str, bits: int, block_size: int, lm_head: str,
     model.doc_string = f"molmo-edge decoder, weight-only int{bits} (MatMulNBits, block {block_size}, symmetric)"
     model.ir_version = min(model.ir_version, 10)
     onnx.save_model(model, dst)
-    return {"layers": counts, "weight_bytes_before": before, "weight_bytes_after": after, "nodes": len(kept)}
+    return {"layers": counts, "weight_bytes_before": before, "weight_bytes_after": after, "nodes": len(kept),
+            "weight_bytes_by_dtype": dict(writer.bytes_by_dtype)}
 
 
 def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]:
@@ -265,7 +296,8 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
 
 
 def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, progress: Callable[[str], None] = _say,
-                             accuracy_level: int | None = None, check: bool = True) -> dict[str, Any]:
+                             accuracy_level: int | None = None, check: bool = True, head: str = "float",
+                             scales: str = "fp32") -> dict[str, Any]:
     """Add the weight-only quantized decoder flavour "decoder.int{bits}" to an existing bundle.
 
     bits: 4 or 8; block_size: 32, 64 or 128 (along the input dimension). accuracy_level:
@@ -274,6 +306,8 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     made INT4 decode 2.2x faster than level 0 with the same logits cosine (0.9972 vs 0.9973), and
     8-bit weights have no fast level-0 kernel at all (benchmarks/results/int8.md).
     check: compare logits with the fp32 decoder on 8 positions when both fit in memory.
+    head: "float" (default), "int8" or "int4": the LM head's storage (the check then includes its cost);
+    scales: fp32 (default) or fp16 (half the scale bytes; fp16 activations into each MatMulNBits).
     Atomic: an interrupted run leaves the bundle as it was. Returns the new manifest entry.
     """
     from molmo_edge.runtime.bundle import Bundle, load_bundle
@@ -288,12 +322,19 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     bundle = load_bundle(bundle_dir)
     from molmo_edge.runtime.hf_names import lm_head_name
     key, fname = f"decoder.int{bits}", f"decoder.int{bits}.onnx"
+    if "decoder" not in bundle.manifest["graphs"]:
+        raise CalibrationError(f"{bundle_dir} has no float decoder to quantize (it was exported with --weights); "
+                               "export again without --weights, or with the --weights you want")
+    if scales not in ("fp32", "fp16"):
+        raise CalibrationError(f"--scales {scales} is not supported; use fp32 or fp16")
+    if head not in HEAD_CHOICES:
+        raise CalibrationError(f"--head {head} is not supported; use {', '.join(HEAD_CHOICES)}")
     base = bundle.manifest["graphs"]["decoder"]
     t0 = time.perf_counter()
     progress(f"[quantize] {bundle_dir}: decoder weights -> int{bits}, block {block_size}, symmetric (MatMulNBits) ...")
     with staging(bundle_dir, f"int{bits}") as stage:
         summary = quantize_graph(bundle.graph_path("decoder"), os.path.join(stage, fname), bits, block_size,
-                                 lm_head_name(bundle.config), level, progress)
+                                 lm_head_name(bundle.config), level, progress, HEAD_CHOICES[head], scales)
         entry = {k: base[k] for k in ("opset", "inputs", "outputs", "dynamic_axes", "kv_layout") if k in base}
         entry.update({
             "file": fname, "data": fname + ".data",
@@ -303,8 +344,10 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
                           "scheme": "symmetric, blockwise along the input dimension", "block_size": block_size,
                           "accuracy_level": level},
             "nodes": summary["nodes"],
+            "weight_bytes_by_dtype": summary["weight_bytes_by_dtype"],
             "quantization": {"op": "com.microsoft.MatMulNBits", "bits": bits, "block_size": block_size,
-                             "quantized": summary["layers"], "kept_float": ["MoE router (mlp.gate)", "lm_head", "norms"],
+                             "quantized": summary["layers"], "scales": scales, "head": head,
+                             "kept_float": ["MoE router (mlp.gate)"] + ([] if head != "float" else ["lm_head"]) + ["norms"],
                              "weight_bytes_before": summary["weight_bytes_before"],
                              "weight_bytes_after": summary["weight_bytes_after"],
                              "source_graph": "decoder",

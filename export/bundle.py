@@ -3,7 +3,9 @@
 Weights are streamed from the checkpoint one tensor at a time into the graphs' external-data
 files, so peak memory stays near the largest single tensor plus the embedding table, not the
 model size. Everything is written into a temporary sibling folder that is renamed into place only
-after the self-check passes: an interrupted or failed export leaves nothing behind.
+after the self-check (export/check.py) passes: an interrupted or failed export leaves nothing behind.
+Only the decoder flavours a backend will select are written, and export says first how much disk
+it needs (refusing when the target lacks it).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any, Callable
 
@@ -22,11 +23,12 @@ import numpy as np
 from molmo_edge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from molmo_edge.runtime.config import IMAGE_TOKENS
 from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.files import Progress, atomic_folder, numel, say, write_json_atomic
+from molmo_edge.runtime.hf_names import block_weight_shapes, lm_head_name, llm_weight_shapes, parameter_count, vision_weight_shapes
 from molmo_edge.runtime.machine import mem_available, package_versions
-from molmo_edge.runtime.hf_names import parameter_count
 
 from molmo_edge.export.checkpoint import open_checkpoint
-from molmo_edge.export.graph import GraphBuilder
+from molmo_edge.export.graph import GraphBuilder, WeightQuantizer
 from molmo_edge.export.onnx_fused import KV_LAYOUT as FUSED_KV_LAYOUT
 from molmo_edge.export.onnx_fused import build_decoder_fused
 from molmo_edge.export.onnx_graphs import build_decoder, build_vision
@@ -44,19 +46,32 @@ def _io(model) -> tuple[list, list]:
     return [desc(v) for v in model.graph.input], [desc(v) for v in model.graph.output]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _default_fused(cfg, fused: bool | None, progress) -> bool:
+    """decoder.fused is written only where a backend selects it: dense models on onnxruntime (MoE runs the
+    portable graph, measured faster; runtime/bundle.py select_graphs), or when asked for (fused=True)."""
+    if fused is None:
+        fused = not cfg.is_moe
+    if fused and cfg.is_molmo2:
+        progress("[export] skipping decoder.fused: onnxruntime's GroupQueryAttention takes no custom mask, "
+                 "and Molmo2's prefill needs its image block")
+        fused = False
+    if fused and cfg.head_dim % 16:
+        progress(f"[export] skipping decoder.fused: onnxruntime's GroupQueryAttention needs head_dim % 16 == 0 "
+                 f"(this model has {cfg.head_dim})")
+        fused = False
+    return fused
 
 
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
-                  check: bool = True, force: bool = False, progress: Callable[[str], None] = _say,
-                  check_layers: int | None = None, fused: bool = True, trt_check: Callable[[str], dict] | None = None,
-                  weights: str | None = None, block_size: int = 32, quantizer: Callable[..., Any] | None = None) -> dict:
+                  check: bool = True, force: bool = False, progress: Progress = say,
+                  fused: bool | None = None, trt_check: Callable[[str], dict] | None = None,
+                  quantizer: WeightQuantizer | None = None, whole_check: bool | None = None) -> dict:
     """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest.
-    fused: also write "decoder.fused" (onnxruntime contrib ops), which the onnxruntime backend prefers.
-    weights: "int4" or "int8" adds the weight-only quantized decoder flavour (onnxruntime MatMulNBits)."""
-    if weights not in (None, "int4", "int8"):
-        raise MolmoEdgeError(f"--weights {weights} is not supported; use int4 or int8")
+    fused: also write "decoder.fused" (onnxruntime contrib ops); default: for dense models only, where the
+    onnxruntime backend selects it. quantizer (from calibration.weight_quant.make_quantizer, passed in by
+    the CLI): write the weight-only quantized decoder "decoder.int{bits}" straight from the checkpoint
+    instead of the float decoders (no float decoder on disk). trt_check: check_for_export from
+    runtime.tensorrt.check (the CLI passes it; None skips the TensorRT op check)."""
     if not 17 <= opset <= MAX_OPSET_TRT_10_3:
         raise MolmoEdgeError(f"--opset {opset} is outside 17..{MAX_OPSET_TRT_10_3} (LayerNormalization needs 17; "
                              f"TensorRT 10.3 on JetPack 6 parses up to {MAX_OPSET_TRT_10_3})")
@@ -70,64 +85,81 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         cfg = cfg.with_(preprocess=dataclasses.replace(cfg.preprocess, max_crops=max_crops))
     progress(f"[export] {folder}: {cfg.family}, d_model {cfg.d_model}, {cfg.n_layers} layers, "
              f"{parameter_count(cfg)['total'] / 1e9:.2f} B parameters")
+    wdtype = np.float16 if dtype == "fp16" else np.float32
+    if quantizer is not None:
+        decoders = [(f"decoder.int{quantizer.bits}", build_decoder, quantizer)]
+    else:
+        decoders = [("decoder", build_decoder, None)]
+        if _default_fused(cfg, fused, progress):
+            decoders.append(("decoder.fused", build_decoder_fused, None))
+    need = disk_needed(cfg, wdtype, [(k, q) for k, _, q in decoders], check)
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        if fused and cfg.is_molmo2:
-            progress("[export] skipping decoder.fused: onnxruntime's GroupQueryAttention takes no custom mask, "
-                     "and Molmo2's prefill needs its image block")
-            fused = False
-        if fused and cfg.head_dim % 16:
-            progress(f"[export] skipping decoder.fused: onnxruntime's GroupQueryAttention needs head_dim % 16 == 0 "
-                     f"(this model has {cfg.head_dim})")
-            fused = False
-        manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, _decoders(fused))
-        if check and cfg.is_molmo2:
+    free = shutil.disk_usage(parent).free
+    progress(f"[export] writing {', '.join(['vision'] + [k for k, _, _ in decoders])}: needs {need / 2**30:.2f} GiB "
+             f"of disk, {free / 2**30:.2f} GiB free at {parent}")
+    if need > free:
+        raise MolmoEdgeError(f"export needs {need / 2**30:.2f} GiB of disk at {parent} but {free / 2**30:.2f} GiB are free; "
+                             "free some space, write elsewhere with -o, or use --dtype fp16 / --weights int4 (smaller)")
+    with atomic_folder(out) as tmp:
+        manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, decoders)
+        if check and cfg.is_molmo2:  # Molmo2 keeps its whole-bundle check on the first layers (molmo2_export.py)
             from molmo_edge.export.molmo2_export import self_check_molmo2
-            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, check_layers, opset)
+            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, None, opset)
         elif check:
-            manifest["parity"] = _self_check(tmp, folder, cfg, dtype, progress, check_layers, opset)
+            from molmo_edge.export.check import self_check
+            manifest["parity"] = self_check(tmp, cfg, source, {k: (b, q) for k, b, q in decoders}, wdtype, opset,
+                                            progress, whole_check)
         if trt_check:  # runtime.tensorrt.check.check_for_export, passed in by the CLI (export does not import tensorrt/)
             manifest["tensorrt_check"] = trt_check(tmp)
             for v, r in manifest["tensorrt_check"].items():
                 if not r["ok"]:
                     progress(f"[export] TensorRT {v}: {r['problems'][0]} (`molmo-edge check-trt` lists all)")
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if weights:  # calibration.weight_quant.quantize_decoder_weights, passed in (export does not import calibration/)
-            if quantizer is None:
-                raise MolmoEdgeError("weights= needs quantizer=molmo_edge.calibration.weight_quant.quantize_decoder_weights")
-            quantizer(tmp, int(weights[3:]), block_size=block_size, progress=progress)
-            with open(os.path.join(tmp, MANIFEST)) as f:
-                manifest = json.load(f)
-        if os.path.exists(out):
-            old = tmp + ".old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
     progress(f"[export] done in {time.perf_counter() - t0:.1f} s -> {out}")
     return manifest
 
 
-def _decoders(fused: bool) -> list[tuple[str, Callable]]:
-    out = [("decoder", build_decoder)]
-    if fused:
-        out.append(("decoder.fused", build_decoder_fused))
-    return out
+def disk_needed(cfg, wdtype, decoders: list[tuple[str, Any]], check: bool = True) -> int:
+    """Bytes the export writes (with external-data padding), plus one layer's check graph when checking."""
+    from molmo_edge.runtime.external_data import ALIGN
+    item = np.dtype(wdtype).itemsize
+    deepest = max(layer % cfg.vision.layers for layer in cfg.vit_layers)
+    vision = 0
+    for k, s in vision_weight_shapes(cfg).items():
+        if ".resblocks." in k and int(k.split(".resblocks.")[1].split(".")[0]) > deepest:
+            continue
+        vision += numel(s) * item
+    emb = (cfg.embedding_size + cfg.additional_vocab_size) * cfg.d_model * item
+    layer_shapes = block_weight_shapes(cfg, 0)
+    head = {k: s for k, s in llm_weight_shapes(cfg).items() if ".blocks." not in k and ".wte." not in k}
+
+    def size(shapes: dict, q) -> int:
+        total = 0
+        for name, s in shapes.items():
+            n = numel(s)
+            graph_name = "lm_head.weight" if name == lm_head_name(cfg) else name  # what the builder asks the quantizer
+            if q is not None and len(s) == 2 and q.wants(graph_name):
+                total += n * q.bits_for(graph_name) // 8 + (2 if getattr(q, "scales", "fp32") == "fp16" else 4) * (n // q.block_size)
+            else:
+                total += n * item
+        return total
+
+    total = vision + emb
+    n_tensors = len(vision_weight_shapes(cfg)) + len(layer_shapes) * cfg.n_layers
+    for _, q in decoders:
+        total += cfg.n_layers * size(layer_shapes, q) + size(head, q)
+    if check:
+        total += max(size(layer_shapes, q) for _, q in decoders) + size(head, None)
+    return int(total * 1.01) + n_tensors * len(decoders) * ALIGN + (64 << 20)
 
 
-def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, progress) -> dict:
+def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, progress, quantizer=None) -> dict:
     t = time.perf_counter()
     dtype = "fp16" if wdtype == np.float16 else "fp32"
-    progress(f"[export] writing {name}.onnx ({dtype} weights, opset {opset}) ...")
-    g = GraphBuilder(name, os.path.join(folder, f"{name}.onnx.data"), wdtype, opset)
+    what = f"int{quantizer.bits} weights (block {quantizer.block_size}), other weights {dtype}" if quantizer else f"{dtype} weights"
+    progress(f"[export] writing {name}.onnx ({what}, opset {opset}) ...")
+    g = GraphBuilder(name, os.path.join(folder, f"{name}.onnx.data"), wdtype, opset, quantizer=quantizer)
     build(g, cfg, get)
     model = g.finish(os.path.join(folder, f"{name}.onnx"), doc=f"molmo-edge {name} graph for {cfg.family}")
     inputs, outputs = _io(model)
@@ -140,6 +172,19 @@ def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, pr
         "nodes": len(model.graph.node),
     }
     info["targets"] = ["onnxruntime", "tensorrt"]
+    if quantizer is not None:
+        info["precision"] = {"weights": f"int{quantizer.bits}", "other_weights": dtype,
+                             "compute": "fp32" if quantizer.accuracy_level == 0 else "int8 activations (per block)",
+                             "scheme": "symmetric, blockwise along the input dimension", "block_size": quantizer.block_size,
+                             "accuracy_level": quantizer.accuracy_level}
+        info["quantization"] = {"op": "com.microsoft.MatMulNBits", "bits": quantizer.bits, "block_size": quantizer.block_size,
+                                "quantized_matmuls": len(g.quantized), "scales": quantizer.scales,
+                                "head": f"int{quantizer.head_bits}" if quantizer.head_bits else "float",
+                                "kept_float": ["MoE router (mlp.gate)"] + ([] if quantizer.head_bits else ["lm_head"]) + ["norms"],
+                                "source_graph": "checkpoint (export --weights)"}
+        info["targets"] = ["onnxruntime"]
+    info["padding_bytes"] = g.padding_bytes
+    info["weight_bytes_by_dtype"] = g.bytes_by_dtype
     if name == "decoder.fused":
         info["kv_layout"] = FUSED_KV_LAYOUT
         info["targets"] = ["onnxruntime"]
@@ -154,11 +199,11 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
 
     def get(name: str) -> np.ndarray:
         t = source[name]
-        arr = t.float().numpy() if hasattr(t, "float") else np.asarray(t, np.float32)
-        if name not in seen:  # hash every checkpoint tensor once, by name and value
+        arr = t.float().numpy() if hasattr(t, "float") else np.asarray(t, np.float32)  # no copy for fp32 tensors
+        if name not in seen:  # hash every checkpoint tensor once, by name and value (from its own buffer)
             seen.add(name)
             digest.update(name.encode())
-            digest.update(np.ascontiguousarray(arr).tobytes())
+            digest.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
         return arr
 
     wdtype = np.float16 if dtype == "fp16" else np.float32
@@ -175,8 +220,8 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
         from molmo_edge.export.molmo2_graphs import build_molmo2_vision as vision_graph
     else:
         vision_graph = build_vision
-    graphs = {name: _write_graph(tmp, name, build, cfg, get, wdtype, opset, progress)
-              for name, build in [("vision", vision_graph)] + decoders}
+    graphs = {name: _write_graph(tmp, name, build, cfg, get, wdtype, opset, progress, q)
+              for name, build, q in [("vision", vision_graph, None)] + decoders}
     for f in TOKENIZER_FILES + REFERENCE_FILES:
         if os.path.exists(os.path.join(folder, f)):
             shutil.copy(os.path.join(folder, f), os.path.join(tmp, f))
@@ -211,11 +256,11 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
         "graphs": graphs,
         "tools": package_versions(),
     }
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
     return manifest
 
 
+# Molmo2's self-check (molmo2_export.py) still checks a bundle cut to its first layers with these two.
 def check_layer_budget(cfg, available: int | None = None) -> int:
     """How many decoder layers the self-check can afford: the torch model and the onnxruntime session
     each hold the checked weights in float32, plus working memory."""
@@ -242,61 +287,10 @@ def _check_bundle(bundle_dir: str, cfg, source, wdtype, opset: int, layers: int,
             os.symlink(os.path.join(os.path.abspath(bundle_dir), name), os.path.join(check, name))
     short = cfg.with_(n_layers=layers)
     get = lambda n: source[n].float().numpy()  # noqa: E731
-    for name, build in _decoders("decoder.fused" in manifest["graphs"]):
+    for name, build in [("decoder", build_decoder)] + ([("decoder.fused", build_decoder_fused)]
+                                                        if "decoder.fused" in manifest["graphs"] else []):
         manifest["graphs"][name] = _write_graph(check, name, build, short, get, wdtype, opset, progress)
     manifest["config"] = short.to_dict()
     with open(os.path.join(check, MANIFEST), "w") as f:
         json.dump(manifest, f)
     return check
-
-
-def _self_check(bundle_dir: str, folder: str, cfg, dtype: str, progress, check_layers: int | None = None,
-                opset: int = 18) -> dict:
-    """Run the new bundle through the runtime and the torch reference on one sample; fail on mismatch.
-    Models larger than memory are checked on their first decoder layers (all of vision, embeddings, head)."""
-    import torch
-
-    from molmo_edge.runtime.session import Molmo
-    from molmo_edge.export.checkpoint import WeightSource
-    from molmo_edge.export.model import build_model
-
-    layers = min(cfg.n_layers, check_layers or check_layer_budget(cfg))
-    source = WeightSource(folder)
-    target = bundle_dir
-    if layers < cfg.n_layers:
-        progress(f"[export] the full check needs more memory than this machine has: checking the vision graph and "
-                 f"the first {layers} of {cfg.n_layers} decoder layers")
-        target = _check_bundle(bundle_dir, cfg, source, np.float16 if dtype == "fp16" else np.float32, opset, layers, progress)
-    progress("[export] checking the ONNX graphs against the torch model ...")
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    flavours = [False, True] if os.path.exists(os.path.join(target, "decoder.fused.onnx")) else [False]
-    results = {}
-    for fused in flavours:
-        runtime = Molmo.load(target, fused=fused)
-        inputs = runtime.processor.process("Describe this image.", image, max_crops=2)
-        results[runtime.backend.graphs["decoder"]] = runtime.forward(inputs)
-        del runtime
-    ref_model = build_model(cfg.with_(n_layers=layers), source)
-    with torch.no_grad():
-        ref = ref_model(torch.from_numpy(inputs["input_ids"].astype(np.int64)),
-                        **{k: torch.from_numpy(inputs[k]) for k in ("images", "image_masks", "image_input_idx")})
-    del ref_model
-    if target != bundle_dir:
-        shutil.rmtree(target)
-    want = ref.logits[0].numpy()
-    per_graph = {k: float(np.abs(v["logits"] - want).max()) for k, v in results.items()}
-    diff = max(per_graph.values())
-    got = results["decoder"]
-    fdiff = float(np.abs(got["image_features"] - ref.image_features[0].numpy()).max())
-    scale = max(1.0, float(np.abs(want).max()))
-    tol = 1e-3 if dtype == "fp32" else 1e-2 * scale  # fp16 weights: every weight rounded; reported, loosely bounded
-    agree = min(float((v["logits"].argmax(-1) == want.argmax(-1)).mean()) for v in results.values())
-    shown = ", ".join(f"{k} {v:.2e}" for k, v in per_graph.items())
-    progress(f"[export] largest logit difference {shown} (tolerance {tol:.1e}), image features {fdiff:.2e}, "
-             f"argmax agreement {agree:.1%} over {want.shape[0]} positions")
-    if not np.isfinite(diff) or diff > tol:
-        raise MolmoEdgeError(f"export self-check failed: ONNX logits differ from the torch model by {diff:.3e} "
-                             f"(tolerance {tol:.1e}); nothing was written. Please report this with the checkpoint's config.json")
-    return {"max_abs_logit_diff": diff, "per_decoder": per_graph, "max_abs_feature_diff": fdiff, "argmax_agreement": agree, "tolerance": tol,
-            "positions": int(want.shape[0]), "decoder_layers_checked": layers, "decoder_layers": cfg.n_layers}

@@ -48,7 +48,12 @@ class WeightSource(Mapping):
                     from safetensors import safe_open
                     self._open[shard] = safe_open(path, framework="pt")
                 else:
-                    self._open[shard] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                    # MAP_SHARED, not torch's default MAP_PRIVATE: a private (copy-on-write) mapping counts against the
+                    # commit limit, so the kernel refuses to map a 29 GB pytorch_model.bin on a 24 GB machine without
+                    # swap ("Cannot allocate memory"). The tensors are only read, never written.
+                    import mmap
+                    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+                        self._open[shard] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:
                 raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0][:200]}); "
                                       "the file is truncated or corrupt: re-download it") from None

@@ -1,22 +1,44 @@
 """A small ONNX graph builder that streams initializers into one external-data file as they are
-added, so a model far larger than RAM is written tensor by tensor (MolmoE-1B: 29 GB of fp32)."""
+added, so a model far larger than RAM is written tensor by tensor (MolmoE-1B: 29 GB of fp32).
+
+The data file comes from the runtime's one external-data writer (runtime/external_data.py), which
+aligns large tensors so onnxruntime memory-maps them. A weight is converted (dtype, transpose) in
+one copy at most and written from that buffer.
+
+`quantizer` (optional, passed in by the CLI: export may not import calibration) turns the linear
+layers it `wants` into onnxruntime MatMulNBits nodes as they are written, so `export --weights int4`
+never puts a float decoder on disk."""
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from molmo_edge.runtime.external_data import ExternalDataWriter, tensor_proto
+
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
                np.dtype(np.bool_): TensorProto.BOOL}
-INLINE_LIMIT = 1024  # bytes: smaller tensors (shapes, scalars) stay inside the .onnx file
+
+
+class WeightQuantizer(Protocol):
+    """What GraphBuilder needs of a weight-only quantizer (calibration.weight_quant.BlockQuantizer)."""
+    bits: int
+    block_size: int
+    accuracy_level: int
+
+    def wants(self, name: str) -> bool: ...
+    def bits_for(self, name: str) -> int: ...
+    def quantize(self, w_in_out: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]: ...
+    def dequantize(self, b: np.ndarray, scales: np.ndarray, k: int, name: str = "") -> np.ndarray: ...
 
 
 class GraphBuilder:
-    def __init__(self, name: str, data_path: str, weight_dtype: np.dtype = np.float32, opset: int = 18):
+    def __init__(self, name: str, data_path: str, weight_dtype: np.dtype = np.float32, opset: int = 18,
+                 quantizer: WeightQuantizer | None = None):
         self.name = name
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
@@ -24,9 +46,9 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.weight_dtype = np.dtype(weight_dtype)
-        self._data_path = data_path
-        self._data = open(data_path, "wb")
-        self._offset = 0
+        self._data = ExternalDataWriter(data_path)
+        self.quantizer = quantizer
+        self.quantized: list[str] = []
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
@@ -49,28 +71,12 @@ class GraphBuilder:
         return self.declare_output(name, elem, shape)
 
     def _tensor(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
-        arr = np.ascontiguousarray(arr)
-        if arr.nbytes <= INLINE_LIMIT:
-            return numpy_helper.from_array(arr, name)
-        t = onnx.TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=arr.shape)
-        pad = (-self._offset) % 64  # aligned for mmap
-        if pad:
-            self._data.write(b"\0" * pad)
-            self._offset += pad
-        self._data.write(arr.tobytes())
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", os.path.basename(self._data_path)), ("offset", str(self._offset)),
-                     ("length", str(arr.nbytes))):
-            t.external_data.add(key=k, value=v)
-        self._offset += arr.nbytes
-        return t
+        return tensor_proto(self._data, name, arr)
 
     def weight(self, name: str, arr: np.ndarray, transpose: bool = False) -> str:
         """A float parameter stored in the bundle's weight dtype; a Cast back to float32 follows when stored as fp16."""
-        arr = np.asarray(arr, dtype=np.float32)
-        if transpose:
-            arr = arr.T
-        stored = arr.astype(self.weight_dtype)
+        arr = np.asarray(arr)
+        stored = np.ascontiguousarray(arr.T if transpose else arr, dtype=self.weight_dtype)  # one copy at most
         self.inits.append(self._tensor(name, stored))
         if self.weight_dtype == np.float32:
             return name
@@ -101,7 +107,21 @@ class GraphBuilder:
         return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
 
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-        """x @ w.T (+ b): weights stored pre-transposed [in, out] for MatMul."""
+        """x @ w.T (+ b): weights stored pre-transposed [in, out] for MatMul (MatMulNBits when quantized)."""
+        q = self.quantizer
+        if q is not None and q.wants(name + ".weight"):
+            k, n = w.shape[1], w.shape[0]
+            bits = q.bits_for(name + ".weight")
+            packed, scales = q.quantize(np.asarray(w, np.float32).T, name + ".weight")
+            bn, sn = name + f".weight.q{bits}", name + f".weight.q{bits}_scales"
+            self.inits += [self._tensor(bn, packed), self._tensor(sn, scales)]
+            self.quantized.append(name + ".weight")
+            half = scales.dtype == np.float16  # MatMulNBits takes activations of its scales' type
+            a = self.op("Cast", [x], to=TensorProto.FLOAT16) if half else x
+            y = self.op("MatMulNBits", [a, bn, sn], domain="com.microsoft",
+                        K=k, N=n, bits=bits, block_size=q.block_size, accuracy_level=q.accuracy_level, name_hint=name)
+            y = self.op("Cast", [y], to=TensorProto.FLOAT) if half else y
+            return y if b is None else self.op("Add", [y, self.weight(name + ".bias", b)])
         y = self.op("MatMul", [x, self.weight(name + ".weight", w, transpose=True)], name_hint=name)
         if b is not None:
             y = self.op("Add", [y, self.weight(name + ".bias", b)])
@@ -114,6 +134,15 @@ class GraphBuilder:
 
     def silu(self, x: str) -> str:
         return self.op("Mul", [x, self.op("Sigmoid", [x])])
+
+    @property
+    def bytes_by_dtype(self) -> dict[str, int]:
+        return dict(self._data.bytes_by_dtype)
+
+    @property
+    def padding_bytes(self) -> int:
+        """Bytes of alignment padding in the data file (what mmap-friendly offsets cost)."""
+        return self._data.padding
 
     def finish(self, path: str, doc: str = "") -> onnx.ModelProto:
         self._data.close()

@@ -19,10 +19,9 @@ import numpy as np
 from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.hf_names import lm_head_name
 
 from molmo_edge.export.graph import GraphBuilder
-from molmo_edge.export.onnx_graphs import F32, Get, _moe
+from molmo_edge.export.onnx_graphs import F32, Get, _finish_decoder, _moe
 
 MS = "com.microsoft"
 KV_LAYOUT = "bnsh-shared"
@@ -43,7 +42,8 @@ def _skip_norm(g: GraphBuilder, y: str, x: str, w: np.ndarray, eps: float, name:
     return out[0], out[3]
 
 
-def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: bool = True) -> None:
+def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: bool = True, hidden: bool = False,
+                        head: bool = True) -> None:
     d, hd, nh, nkv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     max_seq = cfg.max_sequence_length
     x = g.input("inputs_embeds", F32, ["batch", "seq", d])
@@ -115,7 +115,4 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: boo
             y = None
     if y is not None:
         x = g.op("Add", [x, y])
-    x = g.op("Gather", [x, logit_pos], axis=1)
-    x = g.rms_norm(x, get("model.transformer.ln_f.weight"), cfg.norm_eps, "model.transformer.ln_f")
-    logits = g.linear(x, get(lm_head_name(cfg)), None, "lm_head")
-    g.output(logits, "logits", F32, ["batch", "n_logits", cfg.embedding_size])
+    _finish_decoder(g, cfg, get, x, logit_pos, hidden, head)

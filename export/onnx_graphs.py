@@ -175,7 +175,20 @@ def molmo2_blocked(g: GraphBuilder, token_types: str, future: str, cols: str, p_
     return g.op("Unsqueeze", [blocked, g.const([1, 2])])
 
 
-def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
+def _finish_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get, x: str, logit_pos: str, hidden: bool, head: bool) -> None:
+    """The decoder's tail: optionally the last hidden state (the self-check's one-layer graphs), then the head."""
+    if hidden:
+        g.output(x, "hidden", F32, ["batch", "seq", cfg.d_model])
+    if head:
+        x = g.op("Gather", [x, logit_pos], axis=1)  # only the positions whose logits are wanted
+        x = g.rms_norm(x, get("model.transformer.ln_f.weight"), cfg.norm_eps, "model.transformer.ln_f")
+        logits = g.linear(x, get(lm_head_name(cfg)), None, "lm_head")
+        g.output(logits, "logits", F32, ["batch", "n_logits", cfg.embedding_size])
+
+
+def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get, hidden: bool = False, head: bool = True) -> None:
+    """hidden/head: the self-check writes one-layer graphs that output the block's hidden state
+    (and the head only for the last block); bundles get head only."""
     d, hd, nh, nkv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     rep = nh // nkv
     x = g.input("inputs_embeds", F32, ["batch", "seq", d])
@@ -249,7 +262,4 @@ def build_decoder(g: GraphBuilder, cfg: MolmoConfig, get: Get) -> None:
         if cfg.norm_after:
             y = g.rms_norm(y, get(fn + "ff_norm.weight"), cfg.norm_eps, fn + "ff_norm")
         x = g.op("Add", [x, y])
-    x = g.op("Gather", [x, logit_pos], axis=1)  # only the positions whose logits are wanted
-    x = g.rms_norm(x, get("model.transformer.ln_f.weight"), cfg.norm_eps, "model.transformer.ln_f")
-    logits = g.linear(x, get(lm_head_name(cfg)), None, "lm_head")
-    g.output(logits, "logits", F32, ["batch", "n_logits", cfg.embedding_size])
+    _finish_decoder(g, cfg, get, x, logit_pos, hidden, head)

@@ -236,13 +236,69 @@ def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) 
     return (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
 
+def write_torch_zip(path: str, shapes: dict[str, tuple[int, ...]], make, dtype) -> None:
+    """Write a state dict in torch.save's zip format one tensor at a time (`make(name)` -> tensor), never
+    holding more than one: the pickle names every storage first, then each storage's bytes are streamed
+    in as its own record. torch.load(..., mmap=True, weights_only=True) reads it like torch.save's output."""
+    import collections
+    import io
+    import pickle
+
+    import torch
+
+    storage_type = {torch.float32: torch.FloatStorage, torch.float16: torch.HalfStorage,
+                    torch.bfloat16: torch.BFloat16Storage}[dtype]
+
+    class _Storage:
+        def __init__(self, key: str, numel: int):
+            self.key, self.numel = key, numel
+
+    class _Tensor:
+        def __init__(self, key: str, shape: tuple[int, ...]):
+            self.storage, self.shape = _Storage(key, int(np.prod(shape)) if shape else 1), tuple(shape)
+
+    def rebuild(t: _Tensor):
+        stride, acc = [], 1
+        for d in reversed(t.shape):
+            stride.insert(0, acc)
+            acc *= d
+        return torch._utils._rebuild_tensor_v2, (t.storage, 0, t.shape, tuple(stride), False, collections.OrderedDict())
+
+    class _Pickler(pickle.Pickler):
+        dispatch_table = {_Tensor: rebuild}
+
+        def persistent_id(self, obj):
+            if isinstance(obj, _Storage):
+                return ("storage", storage_type, obj.key, "cpu", obj.numel)
+            return None
+
+    names = list(shapes)
+    state = collections.OrderedDict((n, _Tensor(str(i), shapes[n])) for i, n in enumerate(names))
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(state)
+    writer = torch._C.PyTorchFileWriter(path)
+    data = buf.getvalue()
+    writer.write_record("data.pkl", data, len(data))
+    writer.write_record(".format_version", "1", 1)
+    writer.write_record("byteorder", "little", len("little"))
+    for i, n in enumerate(names):
+        t = make(n).contiguous()
+        if tuple(t.shape) != tuple(shapes[n]) or t.dtype != dtype:
+            raise ValueError(f"{n}: made {tuple(t.shape)} {t.dtype}, expected {tuple(shapes[n])} {dtype}")
+        storage = t.untyped_storage()
+        writer.write_record(f"data/{i}", storage, storage.nbytes())
+        del t, storage
+    writer.write_end_of_file()
+
+
 def make_random_checkpoint(folder: str, family: str = "molmoe-1b", size: str = "tiny", n_layers: int | None = None,
                            vocab_size: int = 512, dtype: str = "float32", fmt: str = "safetensors",
                            shard_bytes: int = 2 << 30, seed: int = 0, tokenizer_from: str | None = None) -> str:
     """Write a random checkpoint folder: config.json, generation/preprocessor configs, tokenizer, weights.
 
     fmt: "safetensors" (one file, or shards with an index when larger than shard_bytes),
-    "sharded" (always several safetensors shards), or "bin" (pytorch_model.bin).
+    "sharded" (always several safetensors shards), or "bin" (pytorch_model.bin, torch's zip format, written
+    one tensor at a time so a full-size checkpoint never sits in memory).
     tokenizer_from: copy tokenizer files from this checkpoint (vocab_size then follows its config).
     Molmo2 families (MOLMO2_FAMILIES) get the hub layout: config sections, processor files, tokenizer.
     """
@@ -292,8 +348,8 @@ def _write_weights(folder: str, family: str, size: str, cfg: dict, dtype: str, f
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     elem = torch.tensor([], dtype=tdtype).element_size()
     if fmt == "bin":
-        state = {n: torch.from_numpy(_random_tensor(n, s, rng)).to(tdtype) for n, s in shapes.items()}
-        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+        write_torch_zip(os.path.join(folder, "pytorch_model.bin"), shapes,
+                        lambda n: torch.from_numpy(_random_tensor(n, shapes[n], rng)).to(tdtype), tdtype)
         return folder
     total = sum(int(np.prod(s)) * elem for s in shapes.values())
     limit = max(1, total // 3 + 1) if fmt == "sharded" else shard_bytes

@@ -95,37 +95,83 @@ def load_bundle(folder: str) -> Bundle:
     return bundle
 
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("auto", "fp32", "int8", "int4")
+# On CPU, "auto" runs a quantized decoder (when the bundle has one) instead of a float decoder that would
+# hold more than this as float32: past it the float decoder is slow (memory-bound decode) and, at
+# MolmoE-1B/7B size, does not fit a 24 GB machine.
+LARGE_FLOAT_DECODER_BYTES = 2 << 30
 
 
-def select_graphs(manifest: dict[str, Any], precision: str = "fp32", fused: bool | None = None) -> tuple[str, str]:
-    """Which of the bundle's graphs run for a precision: (vision key, decoder key).
+@dataclass
+class GraphChoice:
+    vision: str
+    decoder: str
+    precision: str          # what ran: fp32 (float graphs, fp32 or fp16 stored), int8, int4
+    reason: str
+
+
+def _float_decoder(graphs: dict[str, Any], moe: bool, fused: bool | None) -> str | None:
+    want_fused = (not moe) if fused is None else fused
+    if want_fused and "decoder.fused" in graphs:
+        return "decoder.fused"
+    if "decoder" in graphs:
+        return "decoder"
+    return "decoder.fused" if "decoder.fused" in graphs else None
+
+
+def choose_graphs(manifest: dict[str, Any], precision: str = "auto", fused: bool | None = None,
+                  device: str = "cpu") -> GraphChoice:
+    """Which of the bundle's graphs run for a precision, and why (the CLI prints the reason).
 
     Graph keys in manifest["graphs"]: "vision", "decoder" (portable, fp32 or fp16 weights), and the
     optional flavours "vision.int8" (Q/DQ from calibration), "decoder.int8"/"decoder.int4" (weight-only
     quantized), "decoder.fused" (onnxruntime contrib ops). All decoder flavours share one I/O signature.
     fused=None picks by measurement (benchmarks/RESULTS.md, onnxruntime CPU): the fused decoder for dense
-    models (GroupQueryAttention decodes ~12 % faster), the portable one for MoE (onnxruntime's CPU MoE
-    kernel is slower than the routed per-expert MatMuls).
+    models (GroupQueryAttention decodes ~12 % faster), the portable one for MoE.
+    precision: fp32/int8/int4 run exactly those graphs or fail with one line saying how to make them
+    (int4 uses the calibrated INT8 vision graph when there is one); auto picks (see LARGE_FLOAT_DECODER_BYTES).
     """
-    if fused is None:
-        fused = not manifest.get("config", {}).get("moe_num_experts", 0)
-    graphs = manifest["graphs"]
+    from molmo_edge.runtime.memory import GiB, resident_weight_bytes
+
     if precision not in PRECISIONS:
         raise BundleError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    vision, decoder = "vision", "decoder"
-    if precision == "int8":
-        if "vision.int8" not in graphs:
-            raise BundleError("this bundle has no INT8 vision graph: run `molmo-edge calibrate BUNDLE --source FRAMES` first")
-        vision = "vision.int8"
+    graphs = manifest["graphs"]
+    moe = bool(manifest.get("config", {}).get("moe_num_experts", 0))
+    float_dec = _float_decoder(graphs, moe, fused)
+    quantized = [k for k in ("decoder.int4", "decoder.int8") if k in graphs]
+    if precision == "fp32":
+        if float_dec is None:
+            raise BundleError(f"this bundle has no float decoder, only {', '.join(quantized)} (exported with --weights): "
+                              f"run with --precision {quantized[0].split('.')[1]}, or re-export without --weights")
+        return GraphChoice("vision", float_dec, "fp32", "--precision fp32")
     if precision in ("int8", "int4"):
-        for key in (f"decoder.{precision}", "decoder.int4", "decoder.int8"):
-            if key in graphs:
-                decoder = key
-                break
-        else:
-            if precision == "int4":
-                raise BundleError("this bundle has no INT4 decoder: export it with `molmo-edge export MODEL -o BUNDLE --weights int4`")
-    elif fused and "decoder.fused" in graphs:
-        decoder = "decoder.fused"
-    return vision, decoder
+        key = f"decoder.{precision}"
+        if key not in graphs:
+            raise BundleError(f"this bundle has no {precision.upper()} decoder: make it with `molmo-edge quantize BUNDLE "
+                              f"--weights {precision}` (or export with --weights {precision})")
+        if precision == "int8":
+            if "vision.int8" not in graphs:
+                raise BundleError("this bundle has no INT8 vision graph: run `molmo-edge calibrate BUNDLE --source FRAMES` first")
+            return GraphChoice("vision.int8", key, "int8", "--precision int8")
+        vision = "vision.int8" if "vision.int8" in graphs else "vision"
+        return GraphChoice(vision, key, "int4", "--precision int4" + (" (with the calibrated INT8 vision graph)"
+                                                                      if vision == "vision.int8" else ""))
+    if float_dec is None:
+        return GraphChoice("vision", quantized[0], quantized[0].split(".")[1],
+                           f"the bundle's only decoder is {quantized[0]}")
+    if device == "cpu" and quantized:
+        held = resident_weight_bytes(graphs[float_dec], device)
+        if held > LARGE_FLOAT_DECODER_BYTES:
+            q = quantized[0]
+            return GraphChoice("vision", q, q.split(".")[1],
+                               f"on CPU the float {float_dec} would hold {held / GiB:.1f} GiB as float32; {q} holds "
+                               f"{resident_weight_bytes(graphs[q], device) / GiB:.1f} GiB (--precision fp32 runs the float one)")
+    why = "default" + (" (decoder.fused: measured faster for dense models)" if float_dec == "decoder.fused" else "")
+    return GraphChoice("vision", float_dec, "fp32", why)
+
+
+def select_graphs(manifest: dict[str, Any], precision: str = "auto", fused: bool | None = None,
+                  device: str = "cpu") -> tuple[str, str]:
+    """(vision key, decoder key) that run for a precision; see choose_graphs."""
+    c = choose_graphs(manifest, precision, fused, device)
+    return c.vision, c.decoder

@@ -68,12 +68,49 @@ class Molmo:
         self._images: OrderedDict[Any, _ImageEntry] = OrderedDict()
         self._image_cache_size = image_cache_size
         self.stats = {"vision_runs": 0, "prefix_prefills": 0, "questions": 0}
+        self.choice: Any = None      # runtime.bundle.GraphChoice when loaded through Molmo.load on onnxruntime
+        self.estimate: Any = None    # runtime.memory.LoadEstimate likewise
 
     @classmethod
-    def load(cls, path: str, backend: str = "onnxruntime", **backend_options) -> "Molmo":
+    def load(cls, path: str, backend: str = "onnxruntime", *, precision: str = "auto", fused: bool | None = None,
+             check_memory: bool = True, **backend_options) -> "Molmo":
+        """Open a bundle. precision: auto (default; on CPU a quantized decoder for large models when the bundle
+        has one), fp32, int8 or int4 (exactly those graphs, or a one-line error saying how to make them).
+        check_memory: on onnxruntime CPU, estimate what the chosen graphs need and raise InsufficientMemory
+        (needed, available, how to fit) before loading anything, instead of being killed by the kernel."""
         from molmo_edge.runtime.backends import open_backend
         bundle = load_bundle(path)
-        return cls(bundle, open_backend(bundle, backend, **backend_options))
+        choice = estimate = None
+        if backend == "onnxruntime":
+            from molmo_edge.runtime.backends.ort import default_providers, provider_device
+            from molmo_edge.runtime.bundle import choose_graphs
+            from molmo_edge.runtime.memory import check_fits, estimate_load
+            device = provider_device(backend_options.get("providers") or default_providers())
+            choice = choose_graphs(bundle.manifest, precision, fused, device)
+            graphs = {"vision": choice.vision, "decoder": choice.decoder}
+            estimate = (check_fits(bundle.manifest, bundle.config, graphs, path, device) if check_memory
+                        else estimate_load(bundle.manifest, bundle.config, graphs, device))
+            b = open_backend(bundle, backend, choice=choice, **backend_options)
+        else:
+            if fused is not None:
+                backend_options["fused"] = fused
+            b = open_backend(bundle, backend, precision="fp32" if precision == "auto" else precision, **backend_options)
+        m = cls(bundle, b)
+        m.choice, m.estimate = choice, estimate
+        return m
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: backend, device, precision, graph per role and why (for --json and bench)."""
+        b = self.backend
+        out = {"backend": b.name, "device": getattr(b, "device", "cpu"), "precision": getattr(b, "precision", "fp32"),
+               "graphs": dict(getattr(b, "graphs", {}))}
+        if self.choice is not None:
+            out["reason"] = self.choice.reason
+        if self.estimate is not None:
+            out["estimated_peak_gib"] = round(self.estimate.total / 2**30, 3)
+            if self.estimate.notes:
+                out["notes"] = list(self.estimate.notes)
+        return out
 
     # --- building blocks -----------------------------------------------------------------------
     def embed(self, ids: np.ndarray, image_input_idx: np.ndarray | None = None,

@@ -22,6 +22,7 @@ from molmo_edge.calibration.trt_cache import read_cache  # noqa: E402
 from molmo_edge.calibration.weight_quant import quantize_decoder_weights  # noqa: E402
 from molmo_edge.export.bundle import export_bundle  # noqa: E402
 from molmo_edge.runtime.bundle import load_bundle  # noqa: E402
+from molmo_edge.runtime.errors import MolmoEdgeError  # noqa: E402
 from molmo_edge.runtime.session import Molmo  # noqa: E402
 
 QUIET = dict(progress=lambda *_: None)
@@ -46,7 +47,7 @@ def _hash(rgb):  # the documented frame hash, written out again here
 @pytest.fixture(scope="module")
 def base_bundle(tiny_checkpoints, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cal") / "molmoe")
-    export_bundle(tiny_checkpoints["molmoe-1b"], out, **QUIET)
+    export_bundle(tiny_checkpoints["molmoe-1b"], out, fused=True, **QUIET)
     return out
 
 
@@ -87,9 +88,11 @@ def test_calibrate_writes_registered_flavour(calibrated, base_bundle):
     by_hash = {_hash(cv2.imread(os.path.join(p))[:, :, ::-1]): p for p in
                (os.path.join(frames["source"], n) for n in os.listdir(frames["source"]))}
     assert all(h in by_hash for h in cal["frames_sha256"] + cal["holdout_sha256"])
-    # the runtime runs the flavours, as `ask --precision int8` does
-    m = Molmo.load(b, precision="int8")
+    # the runtime runs the flavours, as `ask --precision int4` does (INT8 vision + the INT4 decoder)
+    m = Molmo.load(b, precision="int4")
     assert m.backend.graphs == {"vision": "vision.int8", "decoder": "decoder.int4"}
+    with pytest.raises(MolmoEdgeError, match="no INT8 decoder"):  # never INT4 in place of INT8
+        Molmo.load(b, precision="int8")
 
 
 def test_cache_lists_every_activation_with_the_graph_scales(calibrated):
@@ -153,7 +156,7 @@ def test_report_numbers_recomputed_independently(calibrated):
     b, report = calibrated
     frames = json.load(open(os.path.join(b, "calibration", "frames.json")))
     assert json.load(open(os.path.join(b, "calibration", "report.json")))["features"] == report["features"]
-    fp32, int8 = Molmo.load(b, precision="fp32"), Molmo.load(b, precision="int8")
+    fp32, int8 = Molmo.load(b, precision="fp32"), Molmo.load(b, precision="int4")
     crops_all = []
     for rec, meta in zip(report["features"]["per_frame"], frames["holdout"]):
         assert rec["sha256"] == meta["sha256"]

@@ -167,5 +167,8 @@ def test_fp16_bundle_calibrates_through_the_weight_casts(tiny_checkpoints, tmp_p
     assert not any(n.endswith((".wq.weight", ".w1.weight", ".w2.weight")) for n in weights)  # float copies gone
     assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) > 0
     assert report["features"]["cosine"]["worst"] >= 0.9
-    crops = Molmo.load(b, precision="int8")
+    from molmo_edge.runtime.backends.ort import OrtBackend
+    from molmo_edge.runtime.bundle import GraphChoice, load_bundle
+    bundle = load_bundle(b)  # the INT8 vision graph with the float decoder (no quantized decoder in this bundle)
+    crops = Molmo(bundle, OrtBackend(bundle, choice=GraphChoice("vision.int8", "decoder", "fp32", "test")))
     assert crops.backend.graphs["vision"] == "vision.int8"

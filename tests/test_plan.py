@@ -69,7 +69,7 @@ def test_molmoe_fp16_does_not_fit_nano_and_the_suggestions_do(moe):
         assert make_plan(moe, nano, s).fits and sgg["total_gib"] <= 8
         assert "precision" in sgg["change"]            # MolmoE's 6.9 B parameters need a smaller weight format on 8 GB
     text = format_plan(p)
-    assert "DOES NOT FIT" in text and "fits with:" in text and "--precision int4" in text
+    assert "DOES NOT FIT" in text and "fits with (runnable combinations only):" in text and "--precision int4" in text
 
 
 def test_molmoe_fits_agx_and_thor_at_fp16(moe):
@@ -128,3 +128,29 @@ def test_cli_plan(tiny_checkpoints, tmp_path, capsys):
     capsys.readouterr()
     assert main(["plan", str(tmp_path), "--device", "thor"]) == 2
     assert "neither a bundle nor a checkpoint" in capsys.readouterr().err
+
+
+def test_unrunnable_combination_is_labelled_and_never_suggested(moe):
+    nano = DEVICES["orin-nano-8gb"]
+    p = make_plan(moe, nano, PlanSettings(precision="int8"))
+    assert not p.runnable and not p.fits and "NOT RUNNABLE YET" in format_plan(p)
+    assert p.backends == {"vision": "tensorrt", "decoder": "onnxruntime"}
+    fp16 = make_plan(moe, nano, PlanSettings(precision="fp16"))
+    assert fp16.suggestions and all(sg["change"].get("precision") != "int8" for sg in fp16.suggestions)
+
+
+def test_plan_sizes_come_from_the_bundle_files(tiny_checkpoints, tmp_path):
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
+    from molmo_edge.export.bundle import export_bundle
+    from molmo_edge.runtime.bundle import load_bundle
+    from molmo_edge.runtime.memory import resident_weight_bytes
+    out = str(tmp_path / "b")
+    export_bundle(tiny_checkpoints["molmoe-1b"], out, dtype="fp16", check=False, trt_check=False, progress=lambda *_: None)
+    quantize_decoder_weights(out, 4, progress=lambda *_: None, check=False)
+    b = load_bundle(out)
+    p = make_plan(b.config, DEVICES["orin-nano-8gb"], PlanSettings(precision="int4"), b.manifest)
+    assert p.runnable and p.backends == {"vision": "onnxruntime", "decoder": "onnxruntime"}
+    assert p.sizes_from["decoder"].startswith("decoder.int4.onnx.data")
+    want = resident_weight_bytes(b.manifest["graphs"]["decoder.int4"]) / GiB
+    assert p.memory_gib["decoder weights (int4)"] == pytest.approx(want, abs=1e-3)
+    assert p.sizes_from["vision"].startswith("vision.onnx.data")  # not calibrated: the float vision graph

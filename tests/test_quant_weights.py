@@ -97,7 +97,7 @@ def test_decoder_flavour_equals_float_decoder_with_dequantized_weights(bundles, 
     assert g["precision"] == {"weights": "int4", "compute": "fp32", "scheme": "symmetric, blockwise along the input dimension",
                               "block_size": 32, "accuracy_level": 0}
     per_layer = {"attention": 2, "ffn": 0 if cfg.is_moe else 2, "experts": 3 * cfg.moe_num_experts}
-    assert g["quantization"]["quantized"] == {k: v * cfg.n_layers for k, v in per_layer.items()}
+    assert g["quantization"]["quantized"] == {**{k: v * cfg.n_layers for k, v in per_layer.items()}, "head": 0}
     q = onnx.load(os.path.join(b, "decoder.int4.onnx"), load_external_data=False)
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("MatMulNBits") == sum(g["quantization"]["quantized"].values())
@@ -140,7 +140,9 @@ def test_int8_flavour_and_fp16_bundle(tiny_checkpoints, tmp_path):
     assert not [t.name for t in q.graph.initializer if t.data_type == TensorProto.FLOAT16 and t.name not in live]
     assert entry["check"]["logit_cosine"] > 0.99
     from molmo_edge.runtime.bundle import BundleError, select_graphs
-    assert select_graphs(load_bundle(b).manifest, "int4") == ("vision", "decoder.int8")  # the only quantized decoder
+    with pytest.raises(BundleError, match="no INT4 decoder.*quantize BUNDLE --weights int4"):
+        select_graphs(load_bundle(b).manifest, "int4")  # no silent INT8-for-INT4 (or INT4-for-INT8) substitution
+    assert select_graphs(load_bundle(b).manifest, "auto") == ("vision", "decoder")  # a tiny float decoder: kept
     with pytest.raises(BundleError, match="no INT8 vision graph"):  # --precision int8 also needs calibration
         Molmo.load(b, precision="int8")
 
@@ -171,3 +173,18 @@ def test_quantize_errors(bundles):
         quantize_decoder_weights(bundles["molmo-7b-d"], 3, **QUIET)
     with pytest.raises(CalibrationError, match="--block-size 48"):
         quantize_decoder_weights(bundles["molmo-7b-d"], 4, 48, **QUIET)
+
+
+def test_orin_size_int4_fp16_scales_and_quantized_head(bundles, tmp_path):
+    b = str(tmp_path / "b")
+    shutil.copytree(bundles["molmoe-1b"], b)
+    plain = quantize_decoder_weights(b, 4, 32, **QUIET)
+    small = quantize_decoder_weights(b, 4, 32, head="int8", scales="fp16", **QUIET)  # replaces decoder.int4
+    assert small["quantization"]["quantized"]["head"] == 1 and small["quantization"]["scales"] == "fp16"
+    assert small["data_bytes"] < plain["data_bytes"]
+    q = onnx.load(os.path.join(b, "decoder.int4.onnx"), load_external_data=False)
+    scales = [t for t in q.graph.initializer if t.name.endswith("_scales")]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+    assert small["check"]["logit_cosine"] > 0.9
+    m = Molmo.load(b, precision="int4")
+    assert len(m.ask("Point to the cup.", np.full((200, 300, 3), 128, np.uint8), max_new_tokens=3).token_ids) >= 1

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from molmo_edge.runtime.bundle import Bundle, BundleError
+from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_graphs
 from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.kv_cache import KVCache
 
@@ -17,13 +17,17 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
+def provider_device(providers: list[str]) -> str:
+    return "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+
+
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 precision: str = "fp32", fused: bool | None = None, device_io: bool | None = None):
-        from molmo_edge.runtime.bundle import select_graphs
-
+                 precision: str = "auto", fused: bool | None = None, device_io: bool | None = None,
+                 choice: GraphChoice | None = None):
+        """choice: the graphs to run (Molmo.load picks them and checks memory first); else picked here."""
         ort = require("onnxruntime")
         self.bundle = bundle
         self.cfg = bundle.config
@@ -35,8 +39,11 @@ class OrtBackend:
         opts.log_severity_level = 3
         self._ort = ort
         self.sessions = {}
-        self.graphs = dict(zip(("vision", "decoder"), select_graphs(bundle.manifest, precision, fused)))
-        self.precision = precision
+        if choice is None:
+            choice = choose_graphs(bundle.manifest, precision, fused, provider_device(self.providers))
+        self.choice = choice
+        self.graphs = {"vision": choice.vision, "decoder": choice.decoder}
+        self.precision = choice.precision
         for name, key in self.graphs.items():
             path = bundle.graph_path(key)
             try:

@@ -40,7 +40,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from molmo_edge.calibration.weight_quant import quantize_decoder_weights
 
     bits = {"int4": 4, "int8": 8}[a.weights]
-    entry = quantize_decoder_weights(a.bundle, bits, a.block_size, accuracy_level=a.accuracy_level, check=not a.no_check)
+    entry = quantize_decoder_weights(a.bundle, bits, a.block_size, accuracy_level=a.accuracy_level, check=not a.no_check,
+                                     head=a.head, scales=a.scales)
     print(os.path.join(os.path.abspath(a.bundle), entry["file"]))
     return 0
 
@@ -101,4 +102,8 @@ def add_commands(sub) -> None:
     s.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="MatMulNBits compute: 0 fp32 activations, 4 int8 activations per block (default 4, faster)")
     s.add_argument("--no-check", action="store_true", help="skip the logits check against the fp32 decoder")
+    s.add_argument("--head", choices=["float", "int8", "int4"], default="float",
+                   help="LM head storage (default float; int8 costs little accuracy, int4 more: both measured by the check)")
+    s.add_argument("--scales", choices=["fp32", "fp16"], default="fp32",
+                   help="scale precision (fp16: half the scale bytes, fp16 activations into each quantized MatMul)")
     s.set_defaults(fn=cmd_quantize)

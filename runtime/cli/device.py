@@ -84,13 +84,16 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.device.targets import get_device
     from molmo_edge.runtime.backends.trt_engines import default_workspace_mb
     from molmo_edge.runtime.device.plan import PlanSettings, format_plan, make_plan
+    if a.device == "cpu":
+        return _plan_here(a)
     cfg = _config_for(a.bundle)
+    manifest = _manifest_for(a.bundle)
     dev = get_device(a.device)
     s = PlanSettings(precision=a.precision, max_crops=a.max_crops or cfg.preprocess.max_crops,
                      max_seq=a.max_seq or cfg.max_sequence_length,
                      workspace_mb=a.workspace or default_workspace_mb(int(dev.memory_gb * 2**30)), super_mode=a.super)
     graph_bytes, measured = _build_facts(a.bundle, s.precision)
-    p = make_plan(cfg, dev, s, graph_bytes, measured)
+    p = make_plan(cfg, dev, s, graph_bytes, measured, manifest)
     print(json.dumps(p.to_dict(), indent=2) if a.json else format_plan(p))
     return 0 if p.fits else 1
 
@@ -117,6 +120,37 @@ def _build_facts(path: str, precision: str) -> tuple[dict[str, int] | None, dict
             measured = rec.facts["host_memory"]
             break
     return sizes or None, measured
+
+
+def _manifest_for(path: str):
+    from molmo_edge.runtime.bundle import is_bundle, load_bundle
+    return load_bundle(path).manifest if is_bundle(path) else None
+
+
+def _plan_here(a: argparse.Namespace) -> int:
+    """`plan BUNDLE --device cpu`: what loading it with onnxruntime on this machine needs (the runtime's own
+    estimate, the one its memory guard uses) against MemAvailable."""
+    from molmo_edge.runtime.bundle import choose_graphs, load_bundle
+    from molmo_edge.runtime.machine import mem_available
+    from molmo_edge.runtime.memory import GiB, estimate_load
+    b = load_bundle(a.bundle)
+    precision = {"fp16": "fp32"}.get(a.precision, a.precision)  # float graphs
+    c = choose_graphs(b.manifest, precision)
+    est = estimate_load(b.manifest, b.config, {"vision": c.vision, "decoder": c.decoder})
+    avail = mem_available()
+    d = {"device": "cpu (this machine, onnxruntime)", "graphs": {"vision": c.vision, "decoder": c.decoder},
+         "estimate": est.to_dict(), "available_gib": round(avail / GiB, 2), "fits": est.total <= avail}
+    if a.json:
+        print(json.dumps(d, indent=2))
+    else:
+        lines = [f"this machine (onnxruntime CPU): vision {c.vision}, decoder {c.decoder}"]
+        lines += [f"  {k:<40} {v:8.2f} GiB" for k, v in d["estimate"]["graphs_gib"].items()]
+        lines += [f"  {k + ' (working memory)':<40} {v:8.2f} GiB" for k, v in d["estimate"]["activations_gib"].items()]
+        lines += [f"  {'python + onnxruntime':<40} {d['estimate']['runtime_gib']:8.2f} GiB",
+                  f"  {'expected peak RSS':<40} {d['estimate']['total_gib']:8.2f} GiB",
+                  ("FITS" if d["fits"] else "DOES NOT FIT") + f": {d['available_gib']:.2f} GiB available"]
+        print("\n".join(lines + [f"note: {n}" for n in d["estimate"]["notes"]]))
+    return 0 if d["fits"] else 1
 
 
 def _config_for(path: str):
@@ -197,7 +231,8 @@ def add_commands(sub) -> None:
                                    "workspace, OS reserve) and bandwidth/compute latency floors for vision, prefill and "
                                    "decode on a Jetson module; says which knob makes it fit. Exit status 1 when it does not fit.")
     s.add_argument("bundle", metavar="BUNDLE", help="bundle folder (or checkpoint folder with config.json)")
-    s.add_argument("--device", required=True, choices=list(DEVICES))
+    s.add_argument("--device", required=True, choices=list(DEVICES) + ["cpu"],
+                   help="a Jetson, or cpu: this machine on onnxruntime (the runtime's load estimate)")
     s.add_argument("--precision", choices=["fp16", "int8", "int4"], default="fp16",
                    help="fp16: vision+decoder fp16; int8: INT8 vision + INT8 decoder weights; int4: INT8 vision + INT4 decoder")
     s.add_argument("--max-crops", type=int, default=None)

@@ -76,12 +76,19 @@ def _backend_for(folder: str, backend: str | None) -> str:
     return backend
 
 
-def _runtime(folder: str, backend: str, precision: str = "fp32"):
+def _runtime(folder: str, backend: str, precision: str = "auto"):
+    """Load a bundle (the library checks memory first) and say which graphs run and why."""
     from molmo_edge.runtime.session import Molmo
     t0 = time.perf_counter()
-    say(f"loading bundle {folder} ({backend}, {precision}) ...")
     m = Molmo.load(folder, backend, precision=precision)
-    say(f"loaded in {time.perf_counter() - t0:.1f} s")
+    d = m.describe()
+    graphs = ", ".join(f"{role} {key}" for role, key in d["graphs"].items())
+    why = f" ({d['reason']})" if d.get("reason") else ""
+    est = f", estimated peak {d['estimated_peak_gib']:.1f} GiB" if "estimated_peak_gib" in d else ""
+    say(f"loaded {folder} in {time.perf_counter() - t0:.1f} s: {d['backend']} {d['device']}, {d['precision']}: "
+              f"{graphs}{why}{est}")
+    for note in d.get("notes", []):
+        say(f"  note: {note}")
     return m
 
 
@@ -186,7 +193,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
         last = ans
         if a.json:
             d = ans.to_dict()
-            d["backend"] = backend
+            d.update(m.describe())
             print(json.dumps(d))
         elif stream:
             print()
@@ -266,22 +273,18 @@ def _ask_torch(a: argparse.Namespace, folder: str, prompts: list[str]) -> int:
     return 0
 
 
-def _quantizer():
-    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
-    return quantize_decoder_weights
-
-
 def cmd_export(a: argparse.Namespace) -> int:
     try:
         from molmo_edge.export.bundle import export_bundle
     except ImportError as e:
         raise MolmoEdgeError(f"export needs the export extra ({e.name} is missing): pip install 'molmo-edge[export]'") from None
     from molmo_edge.runtime.tensorrt.check import check_for_export
+    quantizer = None
+    if a.weights:  # export may not import calibration: the CLI hands it the quantizer
+        from molmo_edge.calibration.weight_quant import make_quantizer
+        quantizer = make_quantizer(int(a.weights[3:]), a.block_size, head=a.head, scales=a.scales)
     export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force,
-                  check_layers=a.check_layers, fused=not a.no_fused,
-                  trt_check=None if a.no_trt_check else check_for_export, weights=a.weights,
-                  quantizer=_quantizer() if a.weights else None,
-                  block_size=a.block_size)
+                  fused=a.fused, trt_check=None if a.no_trt_check else check_for_export, quantizer=quantizer)
     print(os.path.abspath(a.output))
     return 0
 
@@ -316,8 +319,10 @@ def add_runtime_options(s: argparse.ArgumentParser, backends: tuple[str, ...] = 
     """--backend and --precision, shared by every command that runs a model."""
     s.add_argument("--backend", choices=list(backends), default=None,
                    help=f"{' or '.join(backends)}; default: torch for checkpoints, onnxruntime for bundles")
-    s.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="bundle graphs to run: fp32 (default), int8 (calibrated vision + quantized decoder), int4 (decoder weights)")
+    s.add_argument("--precision", choices=["auto", "fp32", "int8", "int4"], default="auto",
+                   help="bundle graphs to run: auto (default: float graphs, or on CPU the quantized decoder of a large model "
+                        "when the bundle has one), fp32 (float graphs), int8 (calibrated vision + INT8 decoder), int4 "
+                        "(INT4 decoder); a missing graph is an error that says how to make it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,23 +400,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..20 (TensorRT 10.3 parses <= 20; default 18)")
     s.add_argument("--max-crops", type=int, default=None, help="default crops per image for this bundle")
     s.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-torch self-check (not recommended)")
-    s.add_argument("--check-layers", type=int, default=None,
-                   help="check only the first N decoder layers (default: as many as fit in memory, all for most models)")
     s.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
-    s.add_argument("--no-fused", action="store_true",
-                   help="skip decoder.fused (onnxruntime contrib ops); saves disk when only TensorRT will run the bundle")
+    fused = s.add_mutually_exclusive_group()
+    fused.add_argument("--fused", dest="fused", action="store_const", const=True, default=None,
+                       help="also write decoder.fused for MoE models (default: only dense models, where onnxruntime selects it)")
+    fused.add_argument("--no-fused", dest="fused", action="store_const", const=False,
+                       help="skip decoder.fused (onnxruntime contrib ops); saves disk when only TensorRT will run the bundle")
     s.add_argument("--no-trt-check", action="store_true", help="skip checking the graphs against TensorRT 10.3/10.13 op support")
     s.add_argument("--weights", choices=["int4", "int8"], default=None,
-                   help="also write a weight-only quantized decoder (run it with --precision int4/int8)")
+                   help="write the weight-only quantized decoder straight from the checkpoint instead of the float ones "
+                        "(no float decoder on disk; runs with --precision int4/int8)")
     s.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="quantization block size (default 32)")
+    s.add_argument("--head", choices=["float", "int8", "int4"], default="float",
+                   help="with --weights: LM head storage (default float; its cost against the float head is reported)")
+    s.add_argument("--scales", choices=["fp32", "fp16"], default="fp32",
+                   help="with --weights: scale precision (fp16: half the scale bytes, fp16 activations into each quantized MatMul)")
     s.set_defaults(fn=cmd_export)
     _add_module_commands(sub)
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Positionals may come after options (`ask B --image IMG "question" --json`, the README's order): each
+    command's parser reads its arguments intermixed (argparse cannot do that through subparsers itself)."""
+    commands = next((act.choices for act in parser._actions if isinstance(act, argparse._SubParsersAction)), {})
+    if argv and argv[0] in commands:
+        sub = commands[argv[0]]
+        if not any(isinstance(act, argparse._SubParsersAction) for act in sub._actions):
+            ns = sub.parse_intermixed_args(argv[1:])
+            ns.command = argv[0]
+            return ns
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     if not getattr(a, "fn", None):
         parser.print_help()
         return 0

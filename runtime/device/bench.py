@@ -14,6 +14,15 @@ import numpy as np
 from molmo_edge.runtime.machine import machine_info
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM (reset at exec; ru_maxrss of a child can carry its forking parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def stats(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
     return {"median": round(statistics.median(s), 3), "min": round(s[0], 3), "max": round(s[-1], 3), "runs": len(s)}
@@ -64,6 +73,8 @@ def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, r
     res: dict[str, Any] = {"backend": backend.name, "precision": getattr(backend, "precision", "fp32"),
                            "graphs": getattr(backend, "graphs", {}), "device": getattr(backend, "device", "cpu"),
                            "image": [int(rgb.shape[1]), int(rgb.shape[0])], "machine": machine_info()}
+    if hasattr(molmo, "describe"):  # the graphs that really ran, why, and the load estimate
+        res.update(molmo.describe())
     stages: dict[str, Any] = {}
     crops = proc.image(rgb)
     stages["preprocess_ms"] = stats(_time(lambda: proc.image(rgb), runs))
@@ -114,7 +125,9 @@ def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, r
     stages["end_to_end_ms"] = stats(e2e)
     stages["preprocess_share_of_end_to_end"] = round(stages["preprocess_ms"]["median"] / statistics.median(e2e), 4)
     res["stages"] = stages
-    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    res["peak_rss_mib"] = round(peak_rss_bytes() / 2**20, 1)
+    if res.get("estimated_peak_gib"):
+        res["estimate_vs_peak_rss"] = round(res["estimated_peak_gib"] * 1024 / res["peak_rss_mib"], 3)
     return res
 
 
@@ -206,6 +219,9 @@ def format_table(res: dict[str, Any]) -> str:
             rows.insert(2, (f"vision (max_crops {n}: {s['crops_at_max_crops_' + n]} crops)", f"{v['median']:.0f} ms/frame"))
     m = res["machine"]
     head = f"{res['backend']} ({res['precision']}, {res['device']}) on {m['cpu']}, {m['cores']} cores"
+    if res.get("graphs"):
+        head += "\n  graphs: " + ", ".join(f"{k} {v}" for k, v in res["graphs"].items())
+        head += f" ({res['reason']})" if res.get("reason") else ""
     if m.get("power_mode"):
         head += f", power mode {m['power_mode']}"
     width = max(len(r[0]) for r in rows)

@@ -23,13 +23,26 @@ from molmo_edge.runtime.hf_names import block_weight_shapes, llm_weight_shapes, 
 
 GiB = 2 ** 30
 PLAN_PRECISIONS = ("fp16", "int8", "int4")
-# what each plan precision means for (vision, decoder weights), and how it runs today
+# what each plan precision means for (vision, decoder weights), and the one backend that runs each part
 PRECISION_PARTS = {"fp16": ("fp16", "fp16"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}
-PRECISION_RUNS_ON = {
-    "fp16": "TensorRT engines (molmo-edge build --precision fp16)",
-    "int8": "TensorRT INT8 vision engine; INT8 weight-only decoder on onnxruntime (decoder.int8) until the TensorRT plugin lands",
-    "int4": "TensorRT INT8 vision engine; INT4 MatMulNBits decoder on onnxruntime (decoder.int4) until the TensorRT plugin lands",
+PART_BACKENDS = {
+    "fp16": {"vision": "tensorrt", "decoder": "tensorrt"},
+    "int8": {"vision": "tensorrt", "decoder": "onnxruntime"},     # no TensorRT weight-only INT8 decoder yet
+    "int4": {"vision": "onnxruntime", "decoder": "onnxruntime"},  # MatMulNBits; INT8 Q/DQ vision on the same session kind
 }
+PRECISION_RUNS_ON = {
+    "fp16": "TensorRT engines for both graphs (molmo-edge build --precision fp16; --backend tensorrt)",
+    "int8": "not runnable yet: the INT8 vision engine is TensorRT's and the INT8 weight-only decoder onnxruntime's, "
+            "and no backend runs the two together",
+    "int4": "onnxruntime for both graphs (--precision int4): the INT4 MatMulNBits decoder and the calibrated INT8 "
+            "Q/DQ vision graph (or the float one when not calibrated)",
+}
+
+
+def runnable(precision: str) -> bool:
+    """One backend runs both parts (the runtime has one backend per session)."""
+    parts = PART_BACKENDS[precision]
+    return parts["vision"] == parts["decoder"]
 ACT_BYTES = 2       # fp16 activations inside the engines
 KV_BYTES = 4        # the decoder graph's K/V I/O is float32
 INT4_BLOCK = 32     # weight-only INT4: one fp16 scale per 32 weights
@@ -112,6 +125,9 @@ class Plan:
     decode_tokens_per_s_ceiling: float
     runs_on: str
     build_host_gib: dict[str, Any] = field(default_factory=dict)   # `molmo-edge build`'s peak host memory
+    runnable: bool = True
+    backends: dict[str, str] = field(default_factory=dict)   # part -> the backend that runs it
+    sizes_from: dict[str, str] = field(default_factory=dict)  # part -> "bundle file X" or "computed from the config"
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -153,12 +169,46 @@ def io_bytes(cfg: MolmoConfig, s: PlanSettings) -> int:
     return vision + 4 * t * cfg.d_model + 8 * t + 8 * k + 4 * k * cfg.embedding_size
 
 
-def memory(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> tuple[dict[str, float], dict[str, float]]:
+def bundle_graph(manifest: dict[str, Any] | None, part: str, precision: str) -> str | None:
+    """The bundle graph that part will load at a plan precision, when the bundle has it."""
+    if not manifest:
+        return None
+    graphs = manifest.get("graphs", {})
+    vp, dp = PRECISION_PARTS[precision]
+    if part == "decoder":
+        key = "decoder" if dp == "fp16" else f"decoder.{dp}"
+    else:
+        key = "vision.int8" if vp == "int8" else "vision"
+        if precision == "int4" and key not in graphs:
+            key = "vision"  # --precision int4 runs the float vision graph when there is no calibrated one
+    return key if key in graphs else None
+
+
+def part_bytes(cfg: MolmoConfig, s: PlanSettings, part: str, manifest: dict[str, Any] | None = None) -> tuple[int, str]:
+    """(bytes, where the figure comes from) of one part's weights as they will be held. Parts onnxruntime runs:
+    the bundle's own graph file when it has it (float weights held as float32, runtime/memory.py). TensorRT
+    parts (engines are built on the device) and graphs the bundle lacks: computed from the config."""
+    vp, dp = PRECISION_PARTS[s.precision]
+    key = bundle_graph(manifest, part, s.precision)
+    if key is not None and PART_BACKENDS[s.precision][part] == "onnxruntime":
+        from molmo_edge.runtime.memory import resident_weight_bytes
+        entry = manifest["graphs"][key]
+        return resident_weight_bytes(entry), f"{entry.get('data') or entry['file']} as onnxruntime holds it"
+    shapes = decoder_shapes(cfg) if part == "decoder" else vision_shapes_used(cfg)
+    how = "TensorRT engine" if PART_BACKENDS[s.precision][part] == "tensorrt" else "not in this bundle yet"
+    return weight_bytes(shapes, dp if part == "decoder" else vp), f"computed from the config ({how})"
+
+
+def memory(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec,
+           manifest: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     vp, dp = PRECISION_PARTS[s.precision]
     act = activation_bytes(cfg, s)
+    vbytes, _ = part_bytes(cfg, s, "vision", manifest)
+    dbytes, _ = part_bytes(cfg, s, "decoder", manifest)
+    vlabel = "float" if bundle_graph(manifest, "vision", s.precision) == "vision" and vp == "int8" else vp
     items = {
-        f"vision weights ({vp})": weight_bytes(vision_shapes_used(cfg), vp),
-        f"decoder weights ({dp})": weight_bytes(decoder_shapes(cfg), dp),
+        f"vision weights ({vlabel})": vbytes,
+        f"decoder weights ({dp})": dbytes,
         f"KV cache ({s.max_seq} tokens, fp32)": 2 * cfg.n_layers * s.max_seq * cfg.kv_dim * KV_BYTES,
         f"vision activations ({s.max_crops + 1} crops)": act["vision"],
         "decoder activations (largest profile)": act["decoder"],
@@ -230,8 +280,8 @@ def build_memory(cfg: MolmoConfig, s: PlanSettings, graph_bytes: dict[str, int] 
     return out
 
 
-def _total(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> float:
-    return round(sum(memory(cfg, s, dev)[0].values()), 3)
+def _total(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec, manifest: dict[str, Any] | None = None) -> float:
+    return round(sum(memory(cfg, s, dev, manifest)[0].values()), 3)
 
 
 _CROP_STEPS = (12, 9, 6, 4, 2, 1)
@@ -240,21 +290,25 @@ _PREC_STEPS = ("fp16", "int8", "int4")
 
 
 def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, graph_bytes: dict[str, int] | None = None,
-              measured_build: dict[str, Any] | None = None) -> Plan:
+              measured_build: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None) -> Plan:
+    """manifest: a bundle's; its graph files then give the weight sizes (what will really load)."""
     if s.precision not in PLAN_PRECISIONS:
         raise MolmoEdgeError(f"--precision {s.precision} is not one of {', '.join(PLAN_PRECISIONS)}")
     if s.max_seq > cfg.max_sequence_length:
         raise MolmoEdgeError(f"--max-seq {s.max_seq} exceeds the model's context {cfg.max_sequence_length}")
     d = dev.at(s.super_mode)
-    mem, info = memory(cfg, s, d)
+    mem, info = memory(cfg, s, d, manifest)
     total = round(sum(mem.values()), 3)
-    fits = total <= d.memory_gb
+    ok = runnable(s.precision)
+    fits = total <= d.memory_gb and ok
     fl = floors(cfg, s, d)
     plan = Plan(device=d.name, settings=asdict(s), memory_gib=mem, info_gib=info, total_gib=total, module_gib=d.memory_gb,
                 available_gib=round(d.memory_gb - d.os_reserve_gb - d.runtime_overhead_gb, 3), fits=fits,
                 floors_ms={k: v for k, v in fl.items() if k != "prefill_tokens"},
                 decode_tokens_per_s_ceiling=round(1e3 / fl["decode_per_token"], 1), runs_on=PRECISION_RUNS_ON[s.precision],
-                build_host_gib=build_memory(cfg, s, graph_bytes, measured_build))
+                build_host_gib=build_memory(cfg, s, graph_bytes, measured_build),
+                runnable=ok, backends=dict(PART_BACKENDS[s.precision]),
+                sizes_from={p: part_bytes(cfg, s, p, manifest)[1] for p in ("vision", "decoder")})
     if plan.build_host_gib["peak"] > d.memory_gb - d.os_reserve_gb:
         plan.notes.append(f"building the engines on this device needs ~{plan.build_host_gib['peak']:.1f} GiB of host memory "
                           f"(more than its {d.memory_gb - d.os_reserve_gb:.1f} GiB after the OS): export the bundle with "
@@ -266,14 +320,15 @@ def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, graph_bytes: d
                           "(routed NonZero/Gather branches; TensorRT's handling of those data-dependent shapes is "
                           "unverified on a device)")
     if not fits:
-        plan.suggestions = suggest(cfg, d, s)
+        plan.suggestions = suggest(cfg, d, s, manifest=manifest)
     return plan
 
 
-def suggest(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, limit: int = 4) -> list[dict[str, Any]]:
+def suggest(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, limit: int = 4,
+            manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Smallest changes that make it fit: one knob first (precision, then crops, then max sequence), then pairs,
     then all three; each with its total."""
-    prec = [p for p in _PREC_STEPS[_PREC_STEPS.index(s.precision) + 1:]]
+    prec = [p for p in _PREC_STEPS[_PREC_STEPS.index(s.precision) + 1:] if runnable(p)]  # never a combination no backend runs
     crops = [c for c in _CROP_STEPS if c < s.max_crops]
     seqs = [q for q in _SEQ_STEPS if q < s.max_seq]
     cands: list[PlanSettings] = []
@@ -286,7 +341,9 @@ def suggest(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, limit: int = 4) 
     cands += [replace(s, precision=p, max_crops=c, max_seq=q) for p in prec for c in crops for q in seqs]
     out: list[dict[str, Any]] = []
     for c in cands:
-        total = _total(cfg, c, dev)
+        if not runnable(c.precision):
+            continue
+        total = _total(cfg, c, dev, manifest)
         if total <= dev.memory_gb:
             change = {k: v for k, v in asdict(c).items() if asdict(s)[k] != v}
             if any(all(prev["change"].get(k) == v for k, v in prev["change"].items()) and set(prev["change"]) <= set(change)
@@ -307,14 +364,19 @@ def format_plan(p: Plan) -> str:
     for k, v in p.info_gib.items():
         lines.append(f"  ({k}: {v:.2f}, not counted)")
     mem = p.total_gib
+    lines.append("runs: " + ", ".join(f"{k} on {v}" for k, v in p.backends.items()) + "; weights from: "
+                 + "; ".join(f"{k} {v}" for k, v in p.sizes_from.items()))
+    if not p.runnable:
+        lines.append(f"NOT RUNNABLE YET: {p.runs_on}")
     if p.fits:
         lines.append(f"FITS: {mem:.2f} GiB with the OS reserve and runtime, of the module's {p.module_gib:.2f} GiB "
                      f"({p.module_gib - mem:.2f} GiB spare)")
     else:
-        lines.append(f"DOES NOT FIT: needs {mem:.2f} GiB with the OS reserve and runtime, the module has "
-                     f"{p.module_gib:.2f} GiB")
+        if mem > p.module_gib:
+            lines.append(f"DOES NOT FIT: needs {mem:.2f} GiB with the OS reserve and runtime, the module has "
+                         f"{p.module_gib:.2f} GiB")
         if p.suggestions:
-            lines.append("fits with:")
+            lines.append("fits with (runnable combinations only):")
             for sgg in p.suggestions:
                 knobs = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in sgg["change"].items())
                 lines.append(f"  {knobs}  ({sgg['total_gib']:.2f} GiB)")

@@ -1,0 +1,255 @@
+"""The user's path at the released size, on this machine: random weights in the real shapes and file formats.
+
+    python benchmarks/bench_full_scale.py --family molmoe-1b --workdir /work/big [--layers N] [--keep]
+
+MolmoE-1B is written as one fp32 `pytorch_model.bin` (torch's zip format, one tensor at a time),
+Molmo-7B-D as fp32 safetensors shards with an index. Then, each in a fresh process with the defaults a
+user would use: `export` (fp16 weights; for 7B-D `--weights int4`, which writes no float decoder, so the
+run fits the disk), `quantize --weights int4` (MolmoE), `ask` (load, a first and a second question
+about one 640x480 frame), one `serve` request, `bench`, `plan`, and `ask --precision fp32` to show
+the memory guard's answer. For every step: wall time, peak anonymous and total RSS (sampled every
+50 ms from /proc), and the disk used in the work folder. Everything made is deleted at the end
+unless --keep.
+
+Free disk needed (work folder): MolmoE-1B about 50 GiB (29 GB checkpoint + 14.6 GiB fp16 bundle +
+4.2 GiB INT4 decoder + one check layer); Molmo-7B-D about 38 GiB (32 GB checkpoint + 5.6 GiB bundle).
+Peak memory of any step stays under ~8 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+GiB = 2 ** 30
+NEEDS_GIB = {"molmoe-1b": 50, "molmo-7b-d": 38}
+VOCAB = {"molmoe-1b": 50280, "molmo-7b-d": 152064}
+
+
+def _status(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                    if k in ("RssAnon", "VmRSS", "VmHWM")}
+    except (OSError, ValueError):
+        return {}
+
+
+def du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def run_step(name: str, cmd: list[str], workdir: str, log, stdin_wait=None) -> dict:
+    """Run `cmd`, sampling its memory; returns wall time, peaks, exit code, stdout and the stderr tail."""
+    print(f"[full-scale] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_anon = peak_rss = 0
+    import threading
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k, s: out.__setitem__(k, s.read()), args=(k, s))
+               for k, s in (("stdout", p.stdout), ("stderr", p.stderr))]
+    for r in readers:
+        r.start()
+    while p.poll() is None:
+        st = _status(p.pid)
+        peak_anon = max(peak_anon, st.get("RssAnon", 0))
+        peak_rss = max(peak_rss, st.get("VmHWM", 0), st.get("VmRSS", 0))
+        time.sleep(0.05)
+    for r in readers:
+        r.join()
+    rec = {"step": name, "cmd": cmd, "rc": p.returncode, "seconds": round(time.perf_counter() - t, 1),
+           "peak_anon_gib": round(peak_anon / GiB, 3), "peak_rss_gib": round(peak_rss / GiB, 3),
+           "disk_gib": round(du(workdir) / GiB, 2), "stdout": out.get("stdout", "")[-20000:],
+           "stderr_tail": out.get("stderr", "")[-6000:]}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    print(f"[full-scale] {name}: rc {p.returncode}, {rec['seconds']} s, peak anon {rec['peak_anon_gib']} GiB, "
+          f"peak RSS {rec['peak_rss_gib']} GiB, disk {rec['disk_gib']} GiB", file=sys.stderr, flush=True)
+    return rec
+
+
+# bytes one decode step reads (dense weights, top-k of the experts, the head) and this machine's copy bandwidth
+ROOFLINE = """
+import json, os, sys, threading, time
+import numpy as np, onnx
+from molmo_edge.runtime.bundle import load_bundle, choose_graphs
+b = load_bundle(sys.argv[1]); cfg = b.config
+c = choose_graphs(b.manifest, 'auto')
+m = onnx.load(b.graph_path(c.decoder), load_external_data=False)
+size = {1: 4, 10: 4, 7: 8, 6: 4, 2: 1, 3: 1}  # fp16 weights are held (and read) as float32 by onnxruntime
+n = 0
+for t in m.graph.initializer:
+    nb = int(np.prod(t.dims)) * size.get(t.data_type, 4) if t.dims else 4
+    if t.data_type == 10 and t.name.endswith('_scales'):
+        nb //= 2  # fp16 MatMulNBits scales stay fp16
+    if 'experts' in t.name:
+        nb = nb * cfg.moe_top_k // cfg.moe_num_experts  # a decode step reads only the routed experts
+    n += nb
+src = np.ones(128 << 20, np.float32); dst = np.empty_like(src)
+parts = np.array_split(np.arange(src.size), os.cpu_count() or 1)
+best = 0.0
+for _ in range(5):
+    ts = [threading.Thread(target=np.copyto, args=(dst[p[0]:p[-1] + 1], src[p[0]:p[-1] + 1])) for p in parts]
+    t0 = time.perf_counter(); [x.start() for x in ts]; [x.join() for x in ts]
+    best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
+print(json.dumps({'decoder': c.decoder, 'decode_step_bytes': n, 'copy_bandwidth_gbs': round(best / 1e9, 1),
+                  'roofline_tokens_per_s': round(best / n, 1)}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_once(bundle: str, image: str, workdir: str, log) -> dict:
+    """Start `serve`, wait for /healthz, time one /v1/query with the frame, stop it; memory sampled throughout."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "molmo_edge.runtime.cli", "serve", bundle, "--port", str(port), "--timeout", "600"]
+    print(f"[full-scale] serve: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_anon = peak_rss = 0
+    ready = None
+    rec: dict = {"step": "serve"}
+    try:
+        while time.perf_counter() - t0 < 900 and p.poll() is None:
+            st = _status(p.pid)
+            peak_anon, peak_rss = max(peak_anon, st.get("RssAnon", 0)), max(peak_rss, st.get("VmHWM", 0))
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+                ready = time.perf_counter() - t0
+                break
+            except OSError:
+                time.sleep(0.5)
+        if ready is None:
+            raise RuntimeError(f"serve did not come up (rc {p.poll()})")
+        body = json.dumps({"prompt": "Point to the cups.", "image": base64.b64encode(open(image, "rb").read()).decode(),
+                           "max_new_tokens": 32}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/query", data=body, headers={"Content-Type": "application/json"})
+        t1 = time.perf_counter()
+        import threading
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.__setitem__("r", urllib.request.urlopen(req, timeout=900).read()))
+        th.start()
+        while th.is_alive():
+            st = _status(p.pid)
+            peak_anon, peak_rss = max(peak_anon, st.get("RssAnon", 0)), max(peak_rss, st.get("VmHWM", 0))
+            time.sleep(0.05)
+        th.join()
+        answer = json.loads(box["r"])
+        rec.update({"rc": 0, "ready_seconds": round(ready, 1), "request_seconds": round(time.perf_counter() - t1, 2),
+                    "answer_timings": answer["answers"][0]["timings"]})
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        rec.update({"rc": 1, "error": f"{type(e).__name__}: {e}"})
+    finally:
+        p.terminate()
+        try:
+            err = p.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = p.communicate()[1]
+    rec.update({"peak_anon_gib": round(peak_anon / GiB, 3), "peak_rss_gib": round(peak_rss / GiB, 3),
+                "seconds": round(time.perf_counter() - t0, 1), "stderr_tail": (err or "")[-3000:]})
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    print(f"[full-scale] serve: {rec.get('request_seconds')} s per request, peak RSS {rec['peak_rss_gib']} GiB",
+          file=sys.stderr, flush=True)
+    return rec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=list(NEEDS_GIB), default="molmoe-1b")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a dry run of the script)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundle")
+    ap.add_argument("--out", default=None, help="JSON lines of every step (default benchmarks/results/full_scale_FAMILY.jsonl)")
+    ap.add_argument("--skip", action="append", default=[], help="step to skip (export, quantize, ask, serve, bench, plan, guard)")
+    a = ap.parse_args()
+    work = os.path.join(a.workdir, f"full-{a.family}")
+    os.makedirs(work, exist_ok=True)
+    free = shutil.disk_usage(work).free / GiB
+    need = NEEDS_GIB[a.family] * (1 if a.layers is None else 0.25) - du(work) / GiB  # a kept checkpoint counts
+    if free < need:
+        print(f"[full-scale] {work}: {free:.0f} GiB free, this run needs about {need:.0f} GiB", file=sys.stderr)
+        return 2
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"full_scale_{a.family}.jsonl")
+    ck, bundle, image = os.path.join(work, "checkpoint"), os.path.join(work, "bundle"), os.path.join(work, "frame.jpg")
+    py = [sys.executable, "-c"]
+    cli = [sys.executable, "-m", "molmo_edge.runtime.cli"]
+    try:
+        with open(out, "w") as log:
+            from molmo_edge.runtime.machine import machine_info
+            log.write(json.dumps({"step": "machine", **machine_info(), "family": a.family, "layers": a.layers}) + "\n")
+            fmt = "bin" if a.family == "molmoe-1b" else "safetensors"
+            make = (f"from molmo_edge.export.synthetic import make_random_checkpoint; "
+                    f"make_random_checkpoint({ck!r}, {a.family!r}, size='full', n_layers={a.layers!r}, "
+                    f"vocab_size={VOCAB[a.family]}, fmt={fmt!r}, shard_bytes=4 << 30)")
+            if not os.path.exists(os.path.join(ck, "config.json")):
+                run_step("checkpoint", py + [make], work, log)
+            import cv2
+
+            from molmo_edge.runtime.device.bench import sample_frame
+            cv2.imwrite(image, sample_frame()[:, :, ::-1])
+            export = cli + ["export", ck, "-o", bundle, "--dtype", "fp16", "--force"]
+            if a.family != "molmoe-1b":
+                export += ["--weights", "int4"]
+            if "export" not in a.skip:
+                run_step("export", export, work, log)
+            if a.family == "molmoe-1b" and "quantize" not in a.skip:
+                run_step("quantize", cli + ["quantize", bundle, "--weights", "int4"], work, log)
+            if "ask" not in a.skip:
+                run_step("ask", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--prompt",
+                                       "How many cups are there?", "--json", "--max-new-tokens", "32"], work, log)
+            if "serve" not in a.skip:
+                serve_once(bundle, image, work, log)
+            if "bench" not in a.skip:
+                run_step("bench", cli + ["bench", bundle, "--image", image, "--runs", "1", "--json"], work, log)
+            if "plan" not in a.skip:
+                run_step("plan", cli + ["plan", bundle, "--device", "orin-nano-8gb", "--precision", "int4", "--json"], work, log)
+            if "guard" not in a.skip:
+                run_step("guard", cli + ["ask", bundle, "--image", image, "hi", "--precision", "fp32"], work, log)
+            if "plan_cpu" not in a.skip:  # the runtime's own estimate, to compare with ask's measured peak
+                run_step("plan_cpu", cli + ["plan", bundle, "--device", "cpu", "--json"], work, log)
+            if "first_answer_2crops" not in a.skip:
+                run_step("first_answer_2crops", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--max-crops", "2",
+                                                       "--json", "--max-new-tokens", "16"], work, log)
+            if "roofline" not in a.skip:
+                run_step("roofline", py + [ROOFLINE, bundle], work, log)
+            if "orin" not in a.skip:  # the Orin-size INT4 decoder: block 64, fp16 scales, int8 head (replaces decoder.int4)
+                run_step("orin_quantize", cli + ["quantize", bundle, "--weights", "int4", "--block-size", "64", "--scales", "fp16",
+                                                 "--head", "int8"], work, log)
+                run_step("orin_ask", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--json",
+                                            "--max-new-tokens", "32"], work, log)
+                run_step("orin_plan", cli + ["plan", bundle, "--device", "orin-nano-8gb", "--precision", "int4", "--json"], work, log)
+                run_step("orin_roofline", py + [ROOFLINE, bundle], work, log)
+            if "export_int4" not in a.skip:  # straight to the quantized decoder, no float decoder on disk
+                run_step("export_int4", cli + ["export", ck, "-o", bundle + "-int4", "--dtype", "fp16", "--weights", "int4",
+                                               "--block-size", "64", "--scales", "fp16", "--head", "int8", "--force"], work, log)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"[full-scale] removed {work}", file=sys.stderr)
+    print(f"[full-scale] wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""The export self-check: the new graphs against the torch reference, like with like, at any model size.
+
+Two different questions, answered apart:
+
+- Is the graph right? The torch reference is given exactly the weights the graph holds (fp16-rounded,
+  or quantized and dequantized), so any difference is the graph's fault and the tolerance is tight
+  (GRAPH_TOLERANCE; looser only where the graph's kernel itself quantizes activations). The vision
+  graph is compared whole; every decoder layer is compared alone: the same input through torch block
+  i and a one-layer graph from the same writer and builder, then the head on the last layer's input.
+  Memory stays near one layer (torch block + onnxruntime session), whatever the depth.
+- What does the storage precision cost? The torch reference with the source (checkpoint) weights
+  against the one with the held weights, through every layer: largest logit error, logit cosine and
+  argmax agreement, recorded in the manifest. Export fails on it only below PRECISION_BOUNDS.
+
+When the whole bundle fits in memory it is also run end to end through the runtime (Molmo.forward),
+which covers the wiring between layers (KV I/O, caches) that one-layer graphs cannot.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import numpy as np
+
+from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.files import Progress
+from molmo_edge.runtime.hf_names import lm_head_name
+from molmo_edge.runtime.machine import mem_available
+
+from molmo_edge.export.graph import GraphBuilder
+
+# Largest difference, relative to max(1, largest reference value), between a graph and the torch
+# reference holding the same weights. fp32 compute: rounding-order noise only (~1e-5 measured).
+# MatMulNBits at accuracy level 4 quantizes its activations to int8 per block inside the kernel.
+GRAPH_TOLERANCE = {"float": 2e-3, "int8-activations": 8e-2}
+# Lowest logit cosine (held weights vs source weights, whole decoder) before export refuses: the
+# storage precision itself would have broken the model. Random-weight models are the worst case.
+PRECISION_BOUNDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "int4": 0.95}
+
+
+class HeldWeights(Mapping):
+    """The checkpoint's tensors as a graph holds them: fp16-rounded and/or quantized-dequantized (float32 torch)."""
+
+    def __init__(self, source: Mapping, wdtype: np.dtype, cfg, quantizer=None):
+        self.source, self.wdtype, self.quantizer = source, np.dtype(wdtype), quantizer
+        self.head = lm_head_name(cfg)
+
+    def __getitem__(self, name: str):
+        import torch
+        t = self.source[name].float()
+        q = self.quantizer
+        graph_name = "lm_head.weight" if name == self.head else name  # the name the graph builder asks about
+        if q is not None and t.dim() == 2 and q.wants(graph_name):
+            w = t.numpy().T  # [in, out], as the graph stores it
+            b, s = q.quantize(w, graph_name)
+            return torch.from_numpy(np.ascontiguousarray(q.dequantize(b, s, w.shape[0], graph_name).T))
+        if self.wdtype == np.float16:
+            return t.half().float()
+        return t
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _part(cfg, tensors: Mapping, prefix: str, make: Callable):
+    """A piece of the torch reference (vision, block i, head) with only its own weights loaded."""
+    import torch
+
+    from molmo_edge.export.model import hf_source_names
+    with torch.device("meta"):
+        mod = make()
+    state = {}
+    for ours, theirs in hf_source_names(cfg).items():
+        if not ours.startswith(prefix):
+            continue
+        if isinstance(theirs, list):
+            state[ours[len(prefix):]] = torch.stack([tensors[n] for n in theirs])
+        else:
+            state[ours[len(prefix):]] = tensors[theirs]
+    mod.load_state_dict(state, strict=True, assign=True)
+    return mod.eval().requires_grad_(False)
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
+
+
+def _session(path: str):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _layer_feeds(cfg, x: np.ndarray, kv_layout: str) -> dict[str, np.ndarray]:
+    t = x.shape[1]
+    feeds = {"inputs_embeds": x.astype(np.float32), "logit_positions": np.arange(t, dtype=np.int64)}
+    if kv_layout == "bnsh-shared":
+        feeds["seqlens_k"] = np.array([t - 1], np.int32)
+        feeds["total_sequence_length"] = np.array(t, np.int32)
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.0"] = np.zeros((1, cfg.n_kv_heads, cfg.max_sequence_length, cfg.head_dim), np.float32)
+    else:
+        feeds["position_ids"] = np.arange(t, dtype=np.int64)[None]
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.0"] = np.zeros((1, 0, cfg.n_kv_heads, cfg.head_dim), np.float32)
+    return feeds
+
+
+def _one_layer_graph(folder: str, build, cfg, get, i: int, wdtype, opset: int, quantizer, head: bool) -> str:
+    """Block i alone (weights renamed to block 0), outputting its hidden state, plus the head when asked."""
+    one = cfg.with_(n_layers=1)
+    src = "model.transformer.blocks.0."
+    dst = f"model.transformer.blocks.{i}."
+
+    def get_i(name: str) -> np.ndarray:
+        return get(dst + name[len(src):] if name.startswith(src) else name)
+
+    path = os.path.join(folder, f"layer{i}.onnx")
+    g = GraphBuilder(f"check_layer_{i}", path + ".data", wdtype, opset, quantizer=quantizer)
+    build(g, one, get_i, hidden=True, head=head)
+    g.finish(path)
+    return path
+
+
+def _inputs(bundle_dir: str, cfg) -> dict[str, np.ndarray]:
+    from molmo_edge.runtime.processor import MolmoProcessor
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    return MolmoProcessor(bundle_dir, cfg).process("Describe this image.", image, max_crops=2)
+
+
+def _embed(table, ids: np.ndarray, idx: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    x = np.asarray(table[ids], np.float32)
+    flat_idx = idx.reshape(-1).astype(np.int64)
+    keep = flat_idx >= 0
+    np.add.at(x, flat_idx[keep], feats.reshape(-1, feats.shape[-1])[keep])
+    return x[None]
+
+
+def _source_embeddings(source: Mapping, cfg, ids: np.ndarray) -> np.ndarray:
+    base = source["model.transformer.wte.embedding"].float().numpy()
+    extra = source["model.transformer.wte.new_embedding"].float().numpy()
+    return np.where((ids >= len(base))[:, None], extra[np.clip(ids - len(base), 0, len(extra) - 1)],
+                    base[np.clip(ids, 0, len(base) - 1)])
+
+
+def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[Callable, Any]], wdtype,
+               opset: int, progress: Progress, whole: bool | None = None) -> dict[str, Any]:
+    """Check the bundle's vision graph and every decoder flavour in `flavours` (key -> (builder, quantizer));
+    raise MolmoEdgeError on a graph error or a precision cost past its bound; return the manifest's "parity"."""
+    import torch
+
+    from molmo_edge.export.model import Block, RMSNorm, VisionEncoder, rope_tables
+
+    t0 = time.perf_counter()
+    dtype = "fp16" if np.dtype(wdtype) == np.float16 else "fp32"
+    inputs = _inputs(bundle_dir, cfg)
+    ids = inputs["input_ids"].astype(np.int64)
+    held_plain = HeldWeights(source, wdtype, cfg)
+    report: dict[str, Any] = {"method": "layer by layer against torch holding the graph's weights",
+                              "positions": int(len(ids)), "decoder_layers": cfg.n_layers, "flavours": {}}
+    failures: list[str] = []
+
+    # vision: the whole graph against torch with the held weights; the source-weight features for the cost
+    with torch.no_grad():
+        vis = _part(cfg, held_plain, "vision.", lambda: VisionEncoder(cfg))
+        feats_held = vis(torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["image_masks"])).numpy()
+        del vis
+        vis = _part(cfg, {k: source[k].float() for k in _vision_names(cfg)}, "vision.", lambda: VisionEncoder(cfg))
+        feats_src = vis(torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["image_masks"])).numpy()
+        del vis
+    sess = _session(os.path.join(bundle_dir, "vision.onnx"))
+    feats_graph = sess.run(["image_features"], {"images": inputs["images"], "image_masks": inputs["image_masks"]})[0]
+    del sess
+    verr = _rel(feats_graph, feats_held)
+    report["vision"] = {"max_rel_diff": verr, "tolerance": GRAPH_TOLERANCE["float"],
+                        "precision_cost_max_rel_diff": _rel(feats_held, feats_src)}
+    progress(f"[export] check vision: {verr:.2e} against torch with the same weights (tolerance {GRAPH_TOLERANCE['float']:.0e})")
+    if not np.isfinite(verr) or verr > GRAPH_TOLERANCE["float"]:
+        failures.append(f"vision graph differs from torch by {verr:.3e} (relative; tolerance {GRAPH_TOLERANCE['float']:.0e})")
+
+    table = np.load(os.path.join(bundle_dir, "embeddings.npy"), mmap_mode="r")
+    x0_held = _embed(table, ids, inputs["image_input_idx"], feats_held)
+    x0_src = _embed(_source_embeddings(source, cfg, ids), np.arange(len(ids)), inputs["image_input_idx"], feats_src)
+    positions = torch.arange(len(ids))[None]
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin = cos[:, None], sin[:, None]
+
+    def head(tensors, x):
+        norm = _part(cfg, tensors, "ln_f.", lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
+        lm = _part(cfg, tensors, "lm_head.", lambda: torch.nn.Linear(cfg.d_model, cfg.embedding_size, bias=False))
+        return lm(norm(x)).numpy()[0]
+
+    # the source-weight chain once: its logits are what every held chain's precision cost is measured against
+    with torch.no_grad():
+        x = torch.from_numpy(x0_src)
+        src_tensors = _FloatSource(source)
+        for i in range(cfg.n_layers):
+            x = _part(cfg, src_tensors, f"blocks.{i}.", lambda: Block(cfg))(x, cos, sin)[0]
+        logits_src = head(src_tensors, x)
+
+    groups: dict[Any, list[str]] = {}
+    for key, (_, quantizer) in flavours.items():
+        groups.setdefault(quantizer, []).append(key)
+    tmp = tempfile.mkdtemp(prefix=".check-", dir=bundle_dir)
+    try:
+        for quantizer, keys in groups.items():
+            held = HeldWeights(source, wdtype, cfg, quantizer)
+            get = _numpy_getter(source)
+            worst = {k: (0.0, -1) for k in keys}
+            per_layer = {k: [] for k in keys}
+            with torch.no_grad():
+                x = torch.from_numpy(x0_held)
+                for i in range(cfg.n_layers):
+                    y = _part(cfg, held, f"blocks.{i}.", lambda: Block(cfg))(x, cos, sin)[0]
+                    last = i == cfg.n_layers - 1
+                    for key in keys:
+                        build, q = flavours[key]
+                        path = _one_layer_graph(tmp, build, cfg, get, i, wdtype, opset, q, head=last)
+                        layout = "bnsh-shared" if key == "decoder.fused" else "bsnh-append"
+                        sess = _session(path)
+                        outs = sess.run(["hidden"] + (["logits"] if last else []), _layer_feeds(cfg, x.numpy(), layout))
+                        del sess
+                        for f in os.listdir(tmp):
+                            os.remove(os.path.join(tmp, f))
+                        err = _rel(outs[0], y.numpy())
+                        per_layer[key].append(err)
+                        if not np.isfinite(err) or err >= worst[key][0]:
+                            worst[key] = (err if np.isfinite(err) else float("inf"), i)
+                        if last:
+                            head_graph = outs[1][0]
+                    x = y
+                logits_held = head(held, x)
+                head_cost = None
+                if quantizer is not None and getattr(quantizer, "quantize_head", False):
+                    head_cost = _compare(logits_held, head(HeldWeights(source, wdtype, cfg), x))  # vs the float head
+            cost = _compare(logits_held, logits_src)
+            precision = f"int{quantizer.bits}" if quantizer is not None else dtype
+            for key in keys:
+                compute = "int8-activations" if quantizer is not None and quantizer.accuracy_level == 4 else "float"
+                tol = GRAPH_TOLERANCE[compute]
+                herr = _rel(head_graph, logits_held)
+                w_err, w_layer = worst[key]
+                entry = {"worst_layer": w_layer, "worst_layer_max_rel_diff": w_err, "per_layer_max_rel_diff": per_layer[key],
+                         "head_max_rel_diff": herr, "tolerance": tol, "compute": compute,
+                         "precision": precision, "precision_cost": dict(cost, bound_logit_cosine=PRECISION_BOUNDS[precision])}
+                if head_cost is not None:
+                    entry["quantized_head_cost"] = head_cost
+                    progress(f"[export] quantized LM head against the float head (same hidden states): largest logit "
+                             f"error {head_cost['max_abs_logit_diff']:.3e}, argmax agreement {head_cost['argmax_agreement']:.1%}")
+                progress(f"[export] check {key}: worst layer {w_layer} of {cfg.n_layers} at {w_err:.2e}, head {herr:.2e} "
+                         f"(tolerance {tol:.0e}, same weights as the graph)")
+                progress(f"[export] {precision} storage costs: largest logit error {cost['max_abs_logit_diff']:.3e}, cosine "
+                         f"{cost['logit_cosine']:.5f}, argmax agreement {cost['argmax_agreement']:.1%} against the "
+                         f"checkpoint's weights (bound: cosine >= {PRECISION_BOUNDS[precision]})")
+                if not np.isfinite(w_err) or w_err > tol:
+                    failures.append(f"{key} layer {w_layer} differs from torch by {w_err:.3e} (relative; tolerance {tol:.0e})")
+                if not np.isfinite(herr) or herr > tol:
+                    failures.append(f"{key} head differs from torch by {herr:.3e} (relative; tolerance {tol:.0e})")
+                if not cost["logit_cosine"] >= PRECISION_BOUNDS[precision]:
+                    failures.append(f"{precision} storage changes the logits too much (cosine {cost['logit_cosine']:.4f} < "
+                                    f"{PRECISION_BOUNDS[precision]})")
+                report["flavours"][key] = entry
+                report["flavours"][key]["_logits"] = logits_held
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not failures:
+        _whole_bundle(bundle_dir, cfg, inputs, report, failures, progress, whole)
+    for entry in report["flavours"].values():
+        entry.pop("_logits", None)
+    if failures:
+        raise MolmoEdgeError("export self-check failed: " + "; ".join(failures) + "; nothing was written. "
+                             "Please report this with the checkpoint's config.json")
+    first = next(iter(report["flavours"].values()))
+    report.update({"max_abs_logit_diff": first["precision_cost"]["max_abs_logit_diff"],
+                   "argmax_agreement": first["precision_cost"]["argmax_agreement"],
+                   "decoder_layers_checked": cfg.n_layers, "seconds": round(time.perf_counter() - t0, 1)})
+    return report
+
+
+def _whole_bundle(bundle_dir: str, cfg, inputs, report: dict, failures: list[str], progress: Progress,
+                  whole: bool | None) -> None:
+    """Run the real bundle end to end when each flavour fits in memory easily (covers cross-layer wiring)."""
+    from molmo_edge.runtime.backends.ort import OrtBackend
+    from molmo_edge.runtime.bundle import GraphChoice, load_bundle
+    from molmo_edge.runtime.session import Molmo
+    bundle = load_bundle(bundle_dir)
+    graphs = bundle.manifest["graphs"]
+    for key, entry in report["flavours"].items():
+        need = 3 * (graphs[key]["data_bytes"] + graphs["vision"]["data_bytes"])
+        run = whole if whole is not None else need < 0.4 * mem_available()
+        if not run:
+            entry["whole_bundle"] = "skipped: larger than the memory this check allows itself"
+            continue
+        m = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"],
+                                     choice=GraphChoice("vision", key, key, "export self-check")))
+        got = m.forward(inputs)["logits"]
+        del m
+        err = _rel(got, entry["_logits"])
+        entry["whole_bundle_max_rel_diff"] = err
+        progress(f"[export] check {key} end to end through the runtime: {err:.2e}")
+        if not np.isfinite(err) or err > entry["tolerance"] * 5:  # the graph's own vision features feed it
+            failures.append(f"{key} run end to end differs from torch by {err:.3e} (relative)")
+
+
+def _compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    a, b = got.astype(np.float64), want.astype(np.float64)
+    return {"max_abs_logit_diff": float(np.abs(a - b).max()),
+            "logit_cosine": float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())),
+            "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+
+
+def _vision_names(cfg) -> list[str]:
+    from molmo_edge.export.model import hf_source_names
+    out = []
+    for ours, theirs in hf_source_names(cfg).items():
+        if ours.startswith("vision."):
+            out += theirs if isinstance(theirs, list) else [theirs]
+    return out
+
+
+class _FloatSource(Mapping):
+    """Checkpoint tensors as float32 torch tensors (read lazily)."""
+
+    def __init__(self, source: Mapping):
+        self.source = source
+
+    def __getitem__(self, name: str):
+        return self.source[name].float()
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _numpy_getter(source: Mapping) -> Callable[[str], np.ndarray]:
+    def get(name: str) -> np.ndarray:
+        t = source[name]
+        return t.float().numpy() if hasattr(t, "float") else np.asarray(t, np.float32)
+    return get
