@@ -148,7 +148,7 @@ def test_plan_sizes_come_from_the_bundle_files(tiny_checkpoints, tmp_path):
     export_bundle(tiny_checkpoints["molmoe-1b"], out, dtype="fp16", check=False, trt_check=False, progress=lambda *_: None)
     quantize_decoder_weights(out, 4, progress=lambda *_: None, check=False)
     b = load_bundle(out)
-    p = make_plan(b.config, DEVICES["orin-nano-8gb"], PlanSettings(precision="int4"), b.manifest)
+    p = make_plan(b.config, DEVICES["orin-nano-8gb"], PlanSettings(precision="int4"), manifest=b.manifest)
     assert p.runnable and p.backends == {"vision": "onnxruntime", "decoder": "onnxruntime"}
     assert p.sizes_from["decoder"].startswith("decoder.int4.onnx.data")
     want = resident_weight_bytes(b.manifest["graphs"]["decoder.int4"]) / GiB
