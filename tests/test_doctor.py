@@ -124,7 +124,8 @@ def test_plain_pc_is_informational_only():
 # --- judging a bundle --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundles(tiny_checkpoints, tmp_path_factory):
-    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("doc"), ("molmo-7b-d", "molmoe-1b"), check=False)
+    return export_tiny_bundles(tiny_checkpoints, tmp_path_factory.mktemp("doc"), ("molmo-7b-d", "molmoe-1b"), check=False,
+                               fused=True)  # MoE decoder.fused is written only when asked for
 
 
 def test_bundle_on_a_jetson(bundles, tmp_path):
