@@ -134,7 +134,8 @@ def _plan_here(a: argparse.Namespace) -> int:
     from molmo_edge.runtime.machine import mem_available
     from molmo_edge.runtime.memory import GiB, estimate_load
     b = load_bundle(a.bundle)
-    precision = {"fp16": "fp32"}.get(a.precision, a.precision)  # float graphs
+    # plan's own default (fp16, a TensorRT engine precision) means "what ask would run": auto
+    precision = {"fp16": "auto"}.get(a.precision, a.precision)
     c = choose_graphs(b.manifest, precision)
     est = estimate_load(b.manifest, b.config, {"vision": c.vision, "decoder": c.decoder})
     avail = mem_available()
