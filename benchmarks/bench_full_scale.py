@@ -112,6 +112,22 @@ print(json.dumps({'decoder': c.decoder, 'decode_step_bytes': n, 'copy_bandwidth_
 """
 
 
+# where a question's memory goes: RssAnon/RssFile after load, after vision, after the prefill, after decoding
+MEMORY_PROFILE = """
+import json, sys
+from molmo_edge.runtime.session import Molmo
+def st():
+    d = {l.split(':')[0]: int(l.split()[1]) / 2**20 for l in open('/proc/self/status') if l.startswith(('RssAnon', 'RssFile', 'VmHWM'))}
+    return {k: round(v, 3) for k, v in d.items()}
+out = {'start': st()}
+m = Molmo.load(sys.argv[1]); out['loaded'] = st(); out['estimate'] = m.estimate.to_dict()
+key, entry, _, _ = m.image_entry(sys.argv[2]); out['after_vision'] = st()
+a = m.ask('Point to the cups.', sys.argv[2], max_new_tokens=1); out['after_prefill'] = st()
+a = m.ask('Point to the cups.', sys.argv[2], max_new_tokens=16); out['after_decode'] = st()
+print(json.dumps(out))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,6 +244,8 @@ def main() -> int:
                 run_step("guard", cli + ["ask", bundle, "--image", image, "hi", "--precision", "fp32"], work, log)
             if "plan_cpu" not in a.skip:  # the runtime's own estimate, to compare with ask's measured peak
                 run_step("plan_cpu", cli + ["plan", bundle, "--device", "cpu", "--json"], work, log)
+            if "memory_profile" not in a.skip:
+                run_step("memory_profile", py + [MEMORY_PROFILE, bundle, image], work, log)
             if "first_answer_2crops" not in a.skip:
                 run_step("first_answer_2crops", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--max-crops", "2",
                                                        "--json", "--max-new-tokens", "16"], work, log)
