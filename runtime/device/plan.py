@@ -213,7 +213,7 @@ def memory(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec,
         f"vision activations ({s.max_crops + 1} crops)": act["vision"],
         "decoder activations (largest profile)": act["decoder"],
         "I/O buffers": io_bytes(cfg, s),
-        f"builder workspace ({s.workspace_mb} MB)": s.workspace_mb * 2**20,
+        f"builder workspace ({s.workspace_mb} MB)": s.workspace_mb * 2**20 if "tensorrt" in PART_BACKENDS[s.precision].values() else 0,
         "OS reserve (assumed)": dev.os_reserve_gb * GiB,
         "CUDA/TensorRT runtime (assumed)": dev.runtime_overhead_gb * GiB,
     }
