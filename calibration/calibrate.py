@@ -274,16 +274,17 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
 def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, max_new_tokens: int,
                 threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
     from molmo_edge.runtime.backends.ort import OrtBackend
-    from molmo_edge.runtime.bundle import select_graphs
+    from molmo_edge.runtime.bundle import GraphChoice, choose_graphs
     from molmo_edge.runtime.session import Molmo
 
-    runs = {}
-    # "int8" here is the calibrated INT8 vision graph with the bundle's quantized decoder: --precision int8 when
-    # there is an INT8 decoder, else --precision int4 (which also runs the INT8 vision graph)
-    quantized = "int8" if "decoder.int8" in bundle.manifest["graphs"] else "int4"
-    for label, precision in (("fp32", "fp32"), ("int8", quantized)):
-        runs[label] = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"], threads=threads,
-                                               precision=precision))
+    # "int8" here is the calibrated INT8 vision graph with the bundle's quantized decoder (INT8, else INT4),
+    # or with the float decoder when the bundle has no quantized one: the graphs are named explicitly
+    graphs = bundle.manifest["graphs"]
+    fp32 = choose_graphs(bundle.manifest, "fp32", fused=True)
+    decoder = next((k for k in ("decoder.int8", "decoder.int4") if k in graphs), fp32.decoder)
+    choices = {"fp32": fp32, "int8": GraphChoice("vision.int8", decoder, "int8", "calibration end-to-end check")}
+    runs = {label: Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"], threads=threads, choice=c))
+            for label, c in choices.items()}
     cases = []
     total = len(holdout) * len(prompts)
     for i, frame in enumerate(holdout):
@@ -296,7 +297,6 @@ def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, m
             rec["point_distance_px"] = point_distance(rec["fp32"]["points"], rec["int8"]["points"])
             cases.append(rec)
         progress(f"[calibrate] end to end: {len(cases)}/{total} answers compared")
-    return {"graphs": {label: list(select_graphs(bundle.manifest, p, fused=True))
-                       for label, p in (("fp32", "fp32"), ("int8", quantized))},
+    return {"graphs": {label: [c.vision, c.decoder] for label, c in choices.items()},
             "prompts": [p.to_dict() for p in prompts], "max_new_tokens": max_new_tokens,
             "frames": [f.sha256 for f in holdout], "cases": cases, "summary": answer_summary(cases)}

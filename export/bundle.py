@@ -65,13 +65,15 @@ def _default_fused(cfg, fused: bool | None, progress) -> bool:
 def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, max_crops: int | None = None,
                   check: bool = True, force: bool = False, progress: Progress = say,
                   fused: bool | None = None, trt_check: Callable[[str], dict] | None = None,
-                  quantizer: WeightQuantizer | None = None, whole_check: bool | None = None) -> dict:
+                  quantizer: WeightQuantizer | None = None, whole_check: bool | None = None,
+                  check_layers: int | None = None) -> dict:
     """Write a bundle for `model` (checkpoint folder or hub id) at `out`; returns the manifest.
     fused: also write "decoder.fused" (onnxruntime contrib ops); default: for dense models only, where the
     onnxruntime backend selects it. quantizer (from calibration.weight_quant.make_quantizer, passed in by
     the CLI): write the weight-only quantized decoder "decoder.int{bits}" straight from the checkpoint
     instead of the float decoders (no float decoder on disk). trt_check: check_for_export from
-    runtime.tensorrt.check (the CLI passes it; None skips the TensorRT op check)."""
+    runtime.tensorrt.check (the CLI passes it; None skips the TensorRT op check). check_layers: Molmo2 only
+    (its check still cuts the decoder to its first layers); Molmo checks every layer, one at a time."""
     if not 17 <= opset <= MAX_OPSET_TRT_10_3:
         raise MolmoEdgeError(f"--opset {opset} is outside 17..{MAX_OPSET_TRT_10_3} (LayerNormalization needs 17; "
                              f"TensorRT 10.3 on JetPack 6 parses up to {MAX_OPSET_TRT_10_3})")
@@ -105,7 +107,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         manifest = _write(tmp, folder, cfg, source, dtype, opset, progress, decoders)
         if check and cfg.is_molmo2:  # Molmo2 keeps its whole-bundle check on the first layers (molmo2_export.py)
             from molmo_edge.export.molmo2_export import self_check_molmo2
-            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, None, opset)
+            manifest["parity"] = self_check_molmo2(tmp, folder, cfg, dtype, progress, check_layers, opset)
         elif check:
             from molmo_edge.export.check import self_check
             manifest["parity"] = self_check(tmp, cfg, source, {k: (b, q) for k, b, q in decoders}, wdtype, opset,

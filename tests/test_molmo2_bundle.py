@@ -202,7 +202,10 @@ def test_int8_vision_calibration(golden_bundle, tmp_path):
     report = calibrate_bundle(folder, frames, samples=3, holdout=2, max_crops=1, e2e_frames=1, max_new_tokens=4,
                               min_cosine=0.9, progress=lambda *_: None)
     assert report["threshold"]["passed"] and report["features"]["cosine"]["worst"] > 0.9
-    m = Molmo.load(folder, precision="int8")
+    from molmo_edge.runtime.backends.ort import OrtBackend
+    from molmo_edge.runtime.bundle import GraphChoice, load_bundle
+    b = load_bundle(folder)  # the INT8 vision graph with the float decoder (--precision int8 also needs decoder.int8)
+    m = Molmo(b, OrtBackend(b, choice=GraphChoice("vision.int8", "decoder", "fp32", "test")))
     assert m.backend.graphs["vision"] == "vision.int8"
     arrays = _one_image_request(folder, frames)
     f32 = Molmo.load(folder).forward(arrays)["image_features"]
