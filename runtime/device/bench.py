@@ -62,6 +62,53 @@ def run_bench(molmo, image: Any = None, runs: int = 5, prompt: str = "Point to t
     return res
 
 
+def _header(molmo, backend, rgb: np.ndarray) -> dict[str, Any]:
+    """What ran where: backend, precision, graphs (and why, with the load estimate, when the session says), machine."""
+    res: dict[str, Any] = {"backend": backend.name, "precision": getattr(backend, "precision", "fp32"),
+                           "graphs": getattr(backend, "graphs", {}), "device": getattr(backend, "device", "cpu"),
+                           "image": [int(rgb.shape[1]), int(rgb.shape[0])], "machine": machine_info()}
+    if hasattr(molmo, "describe"):
+        res.update(molmo.describe())
+    return res
+
+
+def _time_decoder(stages: dict[str, Any], backend, x: np.ndarray, n_prompt: int, decode_tokens: int, runs: int,
+                  embed: Callable[[np.ndarray], np.ndarray], **step: Any) -> None:
+    """Prefill of the prompt (`step`: extra prefill inputs such as Molmo2's token_types) and greedy decode steps."""
+    def prefill():
+        cache = backend.new_cache(n_prompt + decode_tokens + 1)
+        backend.run_decoder(x, np.arange(n_prompt)[None], cache, np.array([n_prompt - 1]), **step)
+        return cache
+
+    pre = _time(prefill, runs)
+    stages["prefill_ms"] = stats(pre)
+    stages["prefill_tokens"] = n_prompt
+    stages["prefill_tokens_per_s"] = round(n_prompt / (statistics.median(pre) / 1e3), 2)
+
+    def decode_run() -> float:
+        cache = prefill()
+        tok = 0
+        t = time.perf_counter()
+        for i in range(decode_tokens):
+            logits = backend.run_decoder(embed(np.array([tok])), np.array([[n_prompt + i]]), cache, np.zeros(1, np.int64))
+            tok = int(logits[0, -1].argmax())
+        return decode_tokens / (time.perf_counter() - t)
+
+    decode_run()
+    stages["decode_tokens_per_s"] = stats([decode_run() for _ in range(max(1, runs // 2))])
+    stages["decode_tokens"] = decode_tokens
+
+
+def _finish(res: dict[str, Any], stages: dict[str, Any], e2e: list[float]) -> dict[str, Any]:
+    stages["end_to_end_ms"] = stats(e2e)
+    stages["preprocess_share_of_end_to_end"] = round(stages["preprocess_ms"]["median"] / statistics.median(e2e), 4)
+    res["stages"] = stages
+    res["peak_rss_mib"] = round(peak_rss_bytes() / 2**20, 1)
+    if res.get("estimated_peak_gib"):
+        res["estimate_vs_peak_rss"] = round(res["estimated_peak_gib"] * 1024 / res["peak_rss_mib"], 3)
+    return res
+
+
 def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, reduced_crops: int) -> dict[str, Any]:
     from molmo_edge.runtime.preprocess import load_image
 
@@ -70,11 +117,7 @@ def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, r
     if cfg.is_molmo2:
         return _run_stages_molmo2(molmo, rgb, runs, prompt, decode_tokens, reduced_crops)
     proc, backend = molmo.processor, molmo.backend
-    res: dict[str, Any] = {"backend": backend.name, "precision": getattr(backend, "precision", "fp32"),
-                           "graphs": getattr(backend, "graphs", {}), "device": getattr(backend, "device", "cpu"),
-                           "image": [int(rgb.shape[1]), int(rgb.shape[0])], "machine": machine_info()}
-    if hasattr(molmo, "describe"):  # the graphs that really ran, why, and the load estimate
-        res.update(molmo.describe())
+    res = _header(molmo, backend, rgb)
     stages: dict[str, Any] = {}
     crops = proc.image(rgb)
     stages["preprocess_ms"] = stats(_time(lambda: proc.image(rgb), runs))
@@ -91,44 +134,14 @@ def _run_stages(molmo, image: Any, runs: int, prompt: str, decode_tokens: int, r
     n_prompt = int(inputs["input_ids"].shape[0])
     feats = backend.vision(crops.images, crops.image_masks)
     x = molmo.embed(inputs["input_ids"].astype(np.int64), inputs["image_input_idx"], feats)
-
-    def prefill():
-        cache = backend.new_cache(n_prompt + decode_tokens + 1)
-        backend.run_decoder(x, np.arange(n_prompt)[None], cache, np.array([n_prompt - 1]))
-        return cache
-
-    pre = _time(prefill, runs)
-    stages["prefill_ms"] = stats(pre)
-    stages["prefill_tokens"] = n_prompt
-    stages["prefill_tokens_per_s"] = round(n_prompt / (statistics.median(pre) / 1e3), 2)
-
-    def decode_run() -> float:
-        cache = prefill()
-        tok = 0
-        t = time.perf_counter()
-        for i in range(decode_tokens):
-            logits = backend.run_decoder(molmo.embed(np.array([tok])), np.array([[n_prompt + i]]), cache, np.zeros(1, np.int64))
-            tok = int(logits[0, -1].argmax())
-        return decode_tokens / (time.perf_counter() - t)
-
-    decode_run()
-    dec = [decode_run() for _ in range(max(1, runs // 2))]
-    stages["decode_tokens_per_s"] = stats(dec)
-    stages["decode_tokens"] = decode_tokens
+    _time_decoder(stages, backend, x, n_prompt, decode_tokens, runs, molmo.embed)
 
     def end_to_end():
         molmo._images.clear()
         molmo._prefix = None
         molmo.ask(prompt, rgb, max_new_tokens=decode_tokens, stop=())
 
-    e2e = _time(end_to_end, max(1, runs // 2))
-    stages["end_to_end_ms"] = stats(e2e)
-    stages["preprocess_share_of_end_to_end"] = round(stages["preprocess_ms"]["median"] / statistics.median(e2e), 4)
-    res["stages"] = stages
-    res["peak_rss_mib"] = round(peak_rss_bytes() / 2**20, 1)
-    if res.get("estimated_peak_gib"):
-        res["estimate_vs_peak_rss"] = round(res["estimated_peak_gib"] * 1024 / res["peak_rss_mib"], 3)
-    return res
+    return _finish(res, stages, _time(end_to_end, max(1, runs // 2)))
 
 
 CLIP_FRAMES = 16  # the real-scale benchmark's clip (issue 15): 16 frames at 2 fps
@@ -140,9 +153,7 @@ def _run_stages_molmo2(molmo, rgb: np.ndarray, runs: int, prompt: str, decode_to
     from molmo_edge.runtime import molmo2_session as m2
 
     proc, backend = m2.processor(molmo), molmo.backend
-    res: dict[str, Any] = {"backend": backend.name, "precision": getattr(backend, "precision", "fp32"),
-                           "graphs": getattr(backend, "graphs", {}), "device": getattr(backend, "device", "cpu"),
-                           "image": [int(rgb.shape[1]), int(rgb.shape[0])], "machine": machine_info()}
+    res = _header(molmo, backend, rgb)
     stages: dict[str, Any] = {}
     img = proc.image(rgb)
     stages["preprocess_ms"] = stats(_time(lambda: proc.image(rgb), runs))
@@ -162,42 +173,14 @@ def _run_stages_molmo2(molmo, rgb: np.ndarray, runs: int, prompt: str, decode_to
     ids = arrays["input_ids"].reshape(-1)
     n_prompt = len(ids)
     x = m2.embed(molmo, ids, backend.vision_pooled(arrays["pixel_values"], arrays["image_token_pooling"]))
-    types = arrays["mm_token_type_ids"]
-
-    def prefill():
-        cache = backend.new_cache(n_prompt + decode_tokens + 1)
-        backend.run_decoder(x, np.arange(n_prompt)[None], cache, np.array([n_prompt - 1]), token_types=types)
-        return cache
-
-    pre = _time(prefill, runs)
-    stages["prefill_ms"] = stats(pre)
-    stages["prefill_tokens"] = n_prompt
-    stages["prefill_tokens_per_s"] = round(n_prompt / (statistics.median(pre) / 1e3), 2)
-
-    def decode_run() -> float:
-        cache = prefill()
-        tok = 0
-        t = time.perf_counter()
-        for i in range(decode_tokens):
-            logits = backend.run_decoder(m2.embed(molmo, np.array([tok])), np.array([[n_prompt + i]]), cache,
-                                         np.zeros(1, np.int64))
-            tok = int(logits[0, -1].argmax())
-        return decode_tokens / (time.perf_counter() - t)
-
-    decode_run()
-    stages["decode_tokens_per_s"] = stats([decode_run() for _ in range(max(1, runs // 2))])
-    stages["decode_tokens"] = decode_tokens
+    _time_decoder(stages, backend, x, n_prompt, decode_tokens, runs, lambda t: m2.embed(molmo, t),
+                  token_types=arrays["mm_token_type_ids"])
 
     def end_to_end():
         molmo._prefix = None
         molmo.ask(prompt, rgb, max_new_tokens=decode_tokens, stop=())
 
-    e2e = _time(end_to_end, max(1, runs // 2))
-    stages["end_to_end_ms"] = stats(e2e)
-    stages["preprocess_share_of_end_to_end"] = round(stages["preprocess_ms"]["median"] / statistics.median(e2e), 4)
-    res["stages"] = stages
-    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return res
+    return _finish(res, stages, _time(end_to_end, max(1, runs // 2)))
 
 
 def format_table(res: dict[str, Any]) -> str:
