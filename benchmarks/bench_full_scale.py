@@ -1,19 +1,22 @@
 """The user's path at the released size, on this machine: random weights in the real shapes and file formats.
 
-    python benchmarks/bench_full_scale.py --family molmoe-1b --workdir /work/big [--layers N] [--keep]
+    python benchmarks/bench_full_scale.py --family molmoe-1b|molmo-7b-d|molmo2-4b --workdir /work/big [--layers N] [--keep]
 
 MolmoE-1B is written as one fp32 `pytorch_model.bin` (torch's zip format, one tensor at a time),
-Molmo-7B-D as fp32 safetensors shards with an index. Then, each in a fresh process with the defaults a
+Molmo-7B-D as fp32 safetensors shards with an index, Molmo2-4B in the hub layout as bf16 safetensors
+shards with an index (the dtype of the hub layout the golden tiny checkpoints reproduce). Then, each in a fresh process with the defaults a
 user would use: `export` (fp16 weights; for 7B-D `--weights int4`, which writes no float decoder, so the
 run fits the disk), `quantize --weights int4` (MolmoE), `ask` (load, a first and a second question
 about one 640x480 frame), one `serve` request, `bench`, `plan`, and `ask --precision fp32` to show
 the memory guard's answer. For every step: wall time, peak anonymous and total RSS (sampled every
 50 ms from /proc), and the disk used in the work folder. Everything made is deleted at the end
-unless --keep.
+unless --keep. Molmo2-4B also asks about a 16-frame clip (`ask --video clip.npz`, frames at 2 fps), and its
+`plan` runs for every Jetson in the table; it has no `serve` step by default (run with --with-serve).
 
 Free disk needed (work folder): MolmoE-1B about 50 GiB (29 GB checkpoint + 14.6 GiB fp16 bundle +
-4.2 GiB INT4 decoder + one check layer); Molmo-7B-D about 38 GiB (32 GB checkpoint + 5.6 GiB bundle).
-Peak memory of any step stays under ~8 GiB.
+4.2 GiB INT4 decoder + one check layer); Molmo-7B-D about 38 GiB (32 GB checkpoint + 5.6 GiB bundle);
+Molmo2-4B about 28 GiB (9.7 GB bf16 checkpoint + 9.6 GiB fp16 bundle + 3.7 GiB INT4 decoder + the
+self-check's short bundle). Peak memory of any step stays under ~8 GiB (Molmo2-4B: see RESULTS.md).
 """
 from __future__ import annotations
 
@@ -29,8 +32,17 @@ import time
 import urllib.request
 
 GiB = 2 ** 30
-NEEDS_GIB = {"molmoe-1b": 50, "molmo-7b-d": 38}
-VOCAB = {"molmoe-1b": 50280, "molmo-7b-d": 152064}
+NEEDS_GIB = {"molmoe-1b": 50, "molmo-7b-d": 38, "molmo2-4b": 28}
+VOCAB = {"molmoe-1b": 50280, "molmo-7b-d": 152064, "molmo2-4b": None}  # Molmo2: config.json's (151936)
+CHECKPOINT = {"molmoe-1b": ("bin", "float32"), "molmo-7b-d": ("safetensors", "float32"),
+              "molmo2-4b": ("safetensors", "bfloat16")}
+JETSONS = ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb", "thor")
+
+
+def write_clip(path: str, frame, frames: int = 16, fps: float = 2.0) -> None:
+    """A clip for `ask --video`: the frame panning right a few pixels per frame (uint8 [T, H, W, 3] RGB + fps)."""
+    import numpy as np
+    np.savez(path, frames=np.stack([np.roll(frame, 8 * t, axis=1) for t in range(frames)]), fps=np.float32(fps))
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -197,49 +209,68 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a dry run of the script)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundle")
     ap.add_argument("--out", default=None, help="JSON lines of every step (default benchmarks/results/full_scale_FAMILY.jsonl)")
-    ap.add_argument("--skip", action="append", default=[], help="step to skip (export, quantize, ask, serve, bench, plan, guard)")
+    ap.add_argument("--skip", action="append", default=[], help="step to skip (export, quantize, ask, ask_video, serve, "
+                    "bench, plan, plan_devices, guard, plan_cpu, memory_profile, first_answer_2crops, roofline, orin, export_int4)")
+    ap.add_argument("--tiny", action="store_true", help="the family's tiny test widths (a seconds-long check of this script)")
+    ap.add_argument("--with-serve", action="store_true", help="Molmo2: run the serve step too")
     a = ap.parse_args()
+    molmo2 = a.family.startswith("molmo2")
+    if molmo2 and not a.with_serve:
+        a.skip.append("serve")
+    if molmo2:  # its script steps through the Molmo (v1) single-image cache
+        a.skip.append("memory_profile")
     work = os.path.join(a.workdir, f"full-{a.family}")
     os.makedirs(work, exist_ok=True)
     free = shutil.disk_usage(work).free / GiB
-    need = NEEDS_GIB[a.family] * (1 if a.layers is None else 0.25) - du(work) / GiB  # a kept checkpoint counts
+    need = NEEDS_GIB[a.family] * (0 if a.tiny else 1 if a.layers is None else 0.25) - du(work) / GiB  # a kept checkpoint counts
     if free < need:
         print(f"[full-scale] {work}: {free:.0f} GiB free, this run needs about {need:.0f} GiB", file=sys.stderr)
         return 2
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"full_scale_{a.family}.jsonl")
     ck, bundle, image = os.path.join(work, "checkpoint"), os.path.join(work, "bundle"), os.path.join(work, "frame.jpg")
+    clip = os.path.join(work, "clip.npz")
     py = [sys.executable, "-c"]
     cli = [sys.executable, "-m", "molmo_edge.runtime.cli"]
     try:
         with open(out, "w") as log:
             from molmo_edge.runtime.machine import machine_info
-            log.write(json.dumps({"step": "machine", **machine_info(), "family": a.family, "layers": a.layers}) + "\n")
-            fmt = "bin" if a.family == "molmoe-1b" else "safetensors"
+            log.write(json.dumps({"step": "machine", **machine_info(), "family": a.family, "layers": a.layers,
+                                  "size": "tiny" if a.tiny else "full"}) + "\n")
+            fmt, dtype = CHECKPOINT[a.family]
+            vocab = f"vocab_size={VOCAB[a.family]}, " if VOCAB[a.family] else ""
             make = (f"from molmo_edge.export.synthetic import make_random_checkpoint; "
-                    f"make_random_checkpoint({ck!r}, {a.family!r}, size='full', n_layers={a.layers!r}, "
-                    f"vocab_size={VOCAB[a.family]}, fmt={fmt!r}, shard_bytes=4 << 30)")
+                    f"make_random_checkpoint({ck!r}, {a.family!r}, size={'tiny' if a.tiny else 'full'!r}, n_layers={a.layers!r}, "
+                    f"{'' if a.tiny else vocab}fmt={fmt!r}, dtype={dtype!r}, shard_bytes=4 << 30)")
             if not os.path.exists(os.path.join(ck, "config.json")):
                 run_step("checkpoint", py + [make], work, log)
             import cv2
 
             from molmo_edge.runtime.device.bench import sample_frame
             cv2.imwrite(image, sample_frame()[:, :, ::-1])
+            if molmo2:
+                write_clip(clip, sample_frame())
             export = cli + ["export", ck, "-o", bundle, "--dtype", "fp16", "--force"]
-            if a.family != "molmoe-1b":
+            if a.family == "molmo-7b-d":
                 export += ["--weights", "int4"]
             if "export" not in a.skip:
                 run_step("export", export, work, log)
-            if a.family == "molmoe-1b" and "quantize" not in a.skip:
+            if a.family != "molmo-7b-d" and "quantize" not in a.skip:
                 run_step("quantize", cli + ["quantize", bundle, "--weights", "int4"], work, log)
             if "ask" not in a.skip:
                 run_step("ask", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--prompt",
                                        "How many cups are there?", "--json", "--max-new-tokens", "32"], work, log)
+            if molmo2 and "ask_video" not in a.skip:  # a 16-frame clip: one vision pass, two questions
+                run_step("ask_video", cli + ["ask", bundle, "--video", clip, "How many cups are there?", "--prompt",
+                                             "Point to the cups.", "--json", "--max-new-tokens", "32"], work, log)
             if "serve" not in a.skip:
                 serve_once(bundle, image, work, log)
             if "bench" not in a.skip:
                 run_step("bench", cli + ["bench", bundle, "--image", image, "--runs", "1", "--json"], work, log)
             if "plan" not in a.skip:
                 run_step("plan", cli + ["plan", bundle, "--device", "orin-nano-8gb", "--precision", "int4", "--json"], work, log)
+            if molmo2 and "plan_devices" not in a.skip:  # issue 15: plan on every Jetson in the table
+                for dev in JETSONS:
+                    run_step(f"plan_{dev}", cli + ["plan", bundle, "--device", dev, "--precision", "int4", "--json"], work, log)
             if "guard" not in a.skip:
                 run_step("guard", cli + ["ask", bundle, "--image", image, "hi", "--precision", "fp32"], work, log)
             if "plan_cpu" not in a.skip:  # the runtime's own estimate, to compare with ask's measured peak

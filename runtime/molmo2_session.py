@@ -118,7 +118,9 @@ def generate_tokens(m: "Molmo", arrays: dict[str, np.ndarray], opts: GenerationO
                     decode_text: Callable[[list[int]], str] = lambda ids: "", on_text: Callable[[str], None] | None = None
                     ) -> tuple[list[int], str, dict[str, float]]:
     """Generate from HF-named arrays: (token ids, stop reason, timings in ms). The bos + image prefix is
-    prefilled once per distinct prefix and pixels (token types: one bidirectional block), the rest causal."""
+    prefilled once per distinct prefix and pixels (token types: one bidirectional block), the rest causal.
+    timings: vision (the ViT), prefill (the whole prompt, of which prefix_prefill is the bos + image part;
+    0 when reused), decode."""
     timings: dict[str, float] = {"vision": 0.0}
     ids = np.asarray(arrays["input_ids"], np.int64).reshape(-1)
     types = _types(m, arrays, ids)
@@ -131,14 +133,17 @@ def generate_tokens(m: "Molmo", arrays: dict[str, np.ndarray], opts: GenerationO
         if feats is not None:
             m.stats["vision_runs"] += 1
         timings["vision"] = (time.perf_counter() - t1) * 1e3
+        t_prefix = time.perf_counter()
         m.cache.truncate(0)
         m.cache.reserve(n_prefix)
         m.backend.run_decoder(embed(m, prefix, feats), np.arange(n_prefix, dtype=np.int64)[None], m.cache,
                          np.zeros(1, np.int64), token_types=types[:, :n_prefix])
         m._prefix = (key, prefix)
         m.stats["prefix_prefills"] += 1
+        timings["prefix_prefill"] = (time.perf_counter() - t_prefix) * 1e3
     else:
         m.cache.truncate(n_prefix)
+        timings["prefix_prefill"] = 0.0  # reused: the cache keeps bos + the image/frame blocks
     t2 = time.perf_counter()
     rest = ids[n_prefix:]
     if not len(rest):
@@ -151,7 +156,7 @@ def generate_tokens(m: "Molmo", arrays: dict[str, np.ndarray], opts: GenerationO
         return m.backend.run_decoder(embed(m, tokens), pos, m.cache, np.array([want], np.int64))[0, -1]
 
     logits = run(rest, len(rest) - 1)
-    timings["prefill"] = (time.perf_counter() - t2) * 1e3
+    timings["prefill"] = timings["prefix_prefill"] + (time.perf_counter() - t2) * 1e3  # the whole prompt, as for v1
     t3 = time.perf_counter()
     tokens, reason = generate(logits, lambda t: run(np.array([t]), 0), opts, m.cfg.eos_token_id, decode_text, on_text)
     timings["decode"] = (time.perf_counter() - t3) * 1e3

@@ -67,12 +67,13 @@ def test_cached_generation_matches_golden_and_reuses_the_prefix(m2golden, golden
         pre = np.load(m2golden / "cases" / f"{case}.preprocess.npz")
         arrays = {k: pre[k] for k in pre.files if pre[k].dtype != object and pre[k].dtype.kind != "U"}
         want = json.loads((m2golden / "cases" / "q3" / f"{case}.generate.json").read_text())["token_ids"]
-        tokens, reason, _ = generate_tokens(m, arrays, opts)
+        tokens, reason, first = generate_tokens(m, arrays, opts)
         assert (tokens, reason) == (want, "length"), case
+        assert 0 < first["prefix_prefill"] <= first["prefill"]  # prefill counts the whole prompt, image prefix included
         runs, prefills = m.stats["vision_runs"], m.stats["prefix_prefills"]
         again, _, timings = generate_tokens(m, arrays, opts)  # same pixels and prefix: no vision, no image prefill
         assert again == want and (m.stats["vision_runs"], m.stats["prefix_prefills"]) == (runs, prefills)
-        assert timings["vision"] == 0.0
+        assert timings["vision"] == 0.0 and timings["prefix_prefill"] == 0.0
 
 
 def test_device_io_path_passes_token_types(m2golden, golden_bundle):
