@@ -6,6 +6,7 @@ model's loader and the tiny test checkpoints (molmo-spec.md §2).
 from __future__ import annotations
 
 from molmo_edge.runtime.config import MolmoConfig
+from molmo_edge.runtime.files import numel
 
 Shape = tuple[int, ...]
 
@@ -107,19 +108,12 @@ def hf_weight_shapes(cfg: MolmoConfig) -> dict[str, Shape]:
     return {**vision_weight_shapes(cfg), **llm_weight_shapes(cfg)}
 
 
-def _numel(shape: Shape) -> int:
-    n = 1
-    for x in shape:
-        n *= x
-    return n
-
-
 def parameter_count(cfg: MolmoConfig) -> dict[str, int]:
     """Parameters per part and in total, from shapes only (nothing is allocated)."""
     vis = vision_weight_shapes(cfg)
-    vit = sum(_numel(s) for k, s in vis.items() if ".image_vit." in k)
-    connector = sum(_numel(s) for s in vis.values()) - vit
-    llm = sum(_numel(s) for s in llm_weight_shapes(cfg).values())
+    vit = sum(numel(s) for k, s in vis.items() if ".image_vit." in k)
+    connector = sum(numel(s) for s in vis.values()) - vit
+    llm = sum(numel(s) for s in llm_weight_shapes(cfg).values())
     out = {"vit": vit, "connector": connector, "llm": llm, "total": vit + connector + llm}
     if cfg.is_moe:
         per_expert = 3 * cfg.d_model * cfg.ffn_inner

@@ -20,6 +20,7 @@ from molmo_edge.runtime.device.targets import DeviceSpec
 from molmo_edge.runtime.backends.trt_engines import (DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill)
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.hf_names import block_weight_shapes, llm_weight_shapes, vision_weight_shapes
+from molmo_edge.runtime.files import numel
 
 GiB = 2 ** 30
 PLAN_PRECISIONS = ("fp16", "int8", "int4")
@@ -48,13 +49,6 @@ KV_BYTES = 4        # the decoder graph's K/V I/O is float32
 INT4_BLOCK = 32     # weight-only INT4: one fp16 scale per 32 weights
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _is_matrix(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and min(shape) > 1
 
@@ -63,7 +57,7 @@ def weight_bytes(shapes: dict[str, tuple[int, ...]], precision: str) -> int:
     """Bytes of a set of weights: matrices at the precision (plus scales), everything else fp16."""
     total = 0
     for s in shapes.values():
-        n = _numel(s)
+        n = numel(s)
         if not _is_matrix(s) or precision == "fp16":
             total += 2 * n
         elif precision == "int8":
@@ -231,9 +225,9 @@ def floors(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> dict[str, floa
     v = cfg.vision
     n, L = s.max_crops + 1, v.num_pos
     vshapes = vision_shapes_used(cfg)
-    vit_mm = sum(_numel(sh) for k, sh in vshapes.items() if _is_matrix(sh) and ".resblocks." in k)
+    vit_mm = sum(numel(sh) for k, sh in vshapes.items() if _is_matrix(sh) and ".resblocks." in k)
     blocks = max(layer % v.layers for layer in cfg.vit_layers) + 1
-    conn_mm = sum(_numel(sh) for k, sh in vshapes.items() if _is_matrix(sh) and ".image_vit." not in k)
+    conn_mm = sum(numel(sh) for k, sh in vshapes.items() if _is_matrix(sh) and ".image_vit." not in k)
     v_flops = n * (2 * vit_mm * L + 4 * blocks * L * L * v.heads * v.head_dim + 2 * conn_mm * cfg.tokens_per_crop)
     vision = max(weight_bytes(vshapes, vp) / bw, v_flops / mm_vision)
 
@@ -241,8 +235,8 @@ def floors(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec) -> dict[str, floa
     dshapes = decoder_shapes(cfg)
     exp = expert_shapes(cfg)
     dense = {k: sh for k, sh in dshapes.items() if k not in exp}
-    dense_mm = sum(_numel(sh) for sh in dense.values() if _is_matrix(sh))
-    exp_params = sum(_numel(sh) for sh in exp.values())
+    dense_mm = sum(numel(sh) for sh in dense.values() if _is_matrix(sh))
+    exp_params = sum(numel(sh) for sh in exp.values())
     active_exp = exp_params * (cfg.moe_top_k / cfg.moe_num_experts) if cfg.is_moe else 0
     touched = min(1.0, t * cfg.moe_top_k / cfg.moe_num_experts) if cfg.is_moe else 0
     p_bytes = weight_bytes(dense, dp) + touched * weight_bytes(exp, dp) + 2 * cfg.n_layers * t * cfg.kv_dim * KV_BYTES
