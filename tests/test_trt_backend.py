@@ -773,9 +773,9 @@ def test_host_memory_stages_measure_their_own_peak():
     with mem.stage("small"):
         np.ones(1000).sum()
     big, small = mem.stages["big"], mem.stages["small"]
+    if not (big["exact"] and small["exact"]):  # the peak reset failed (or is missing): stages see the process peak
+        pytest.skip("no usable /proc/self/clear_refs here: stages report the process peak")
     assert big["peak_rss_mib"] >= small["peak_rss_mib"] + 150
-    if not big["exact"]:
-        pytest.skip("no /proc/self/clear_refs here: stages report the process peak")
     assert mem.summary()["peak_rss_mib"] == big["peak_rss_mib"]
 
 
