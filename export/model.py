@@ -363,11 +363,21 @@ def hf_source_names(cfg: MolmoConfig) -> dict[str, str | list[str]]:
     """Our parameter name -> the HF checkpoint tensor name (a list = stacked along a new axis 0)."""
     v = "model.vision_backbone."
     m: dict[str, str | list[str]] = {
-        "vision.patch_embedding.weight": v + "image_vit.patch_embedding.weight",
         "vision.class_embedding": v + "image_vit.class_embedding",
-        "vision.positional_embedding": v + "image_vit.positional_embedding",
         "vision.pre_ln.weight": v + "image_vit.pre_ln.weight", "vision.pre_ln.bias": v + "image_vit.pre_ln.bias",
         "vision.pad_embed": v + "pad_embed",
+    }
+    m.update(shared_source_names(cfg, max(l % cfg.vision.layers for l in cfg.vit_layers) + 1))
+    return m
+
+
+def shared_source_names(cfg: MolmoConfig, vit_blocks: int) -> dict[str, str | list[str]]:
+    """The names Molmo v1 and Molmo2 checkpoints share: patch/position embeddings, the first `vit_blocks` ViT
+    blocks, the pooling attention, the projector, the embeddings, the decoder blocks and the head."""
+    v = "model.vision_backbone."
+    m: dict[str, str | list[str]] = {
+        "vision.patch_embedding.weight": v + "image_vit.patch_embedding.weight",
+        "vision.positional_embedding": v + "image_vit.positional_embedding",
         "vision.proj_w1.weight": v + "image_projector.w1.weight", "vision.proj_w2.weight": v + "image_projector.w2.weight",
         "vision.proj_w3.weight": v + "image_projector.w3.weight",
         "wte": "model.transformer.wte.embedding", "wte_new": "model.transformer.wte.new_embedding",
@@ -376,12 +386,11 @@ def hf_source_names(cfg: MolmoConfig) -> dict[str, str | list[str]]:
     for n in ("wq", "wk", "wv", "wo"):
         for p in ("weight", "bias"):
             m[f"vision.pool.{n}.{p}"] = f"{v}image_pooling_2d.{n}.{p}"
-    for i in range(max(l % cfg.vision.layers for l in cfg.vit_layers) + 1):
+    for i in range(vit_blocks):
         src, dst = f"{v}image_vit.transformer.resblocks.{i}.", f"vision.blocks.{i}."
-        for n in ("wq", "wk", "wv", "wo"):
-            for p in ("weight", "bias"):
-                m[f"{dst}attention.{n}.{p}"] = f"{src}attention.{n}.{p}"
         for p in ("weight", "bias"):
+            for n in ("wq", "wk", "wv", "wo"):
+                m[f"{dst}attention.{n}.{p}"] = f"{src}attention.{n}.{p}"
             m[f"{dst}w1.{p}"] = f"{src}feed_forward.w1.{p}"
             m[f"{dst}w2.{p}"] = f"{src}feed_forward.w2.{p}"
             m[f"{dst}attention_norm.{p}"] = f"{src}attention_norm.{p}"

@@ -15,9 +15,8 @@ from torch import nn
 
 from molmo_edge.runtime.config import MolmoConfig
 from molmo_edge.runtime.prefix_mask import mm_token_types, prefix_mask
-from molmo_edge.runtime.hf_names import lm_head_name
 
-from molmo_edge.export.model import Block, ForwardOutput, MolmoModel, RMSNorm, VitAttention, decoder_source_names
+from molmo_edge.export.model import Block, ForwardOutput, MolmoModel, RMSNorm, VitAttention, shared_source_names
 
 
 class SiglipBlock(nn.Module):
@@ -171,29 +170,8 @@ class Molmo2Model(MolmoModel):
         return tokens
 
 
-def molmo2_source_names(cfg: MolmoConfig) -> dict[str, str]:
+def molmo2_source_names(cfg: MolmoConfig) -> dict[str, str | list[str]]:
     """Our parameter name -> the hub checkpoint tensor name (molmo2-spec.md §4)."""
-    v = "model.vision_backbone."
-    m: dict[str, str] = {
-        "vision.patch_embedding.weight": v + "image_vit.patch_embedding.weight",
-        "vision.patch_embedding.bias": v + "image_vit.patch_embedding.bias",
-        "vision.positional_embedding": v + "image_vit.positional_embedding",
-        "vision.proj_w1.weight": v + "image_projector.w1.weight", "vision.proj_w2.weight": v + "image_projector.w2.weight",
-        "vision.proj_w3.weight": v + "image_projector.w3.weight",
-        "wte": "model.transformer.wte.embedding", "wte_new": "model.transformer.wte.new_embedding",
-        "ln_f.weight": "model.transformer.ln_f.weight", "lm_head.weight": lm_head_name(cfg),
-    }
-    for n in ("wq", "wk", "wv", "wo"):
-        for p in ("weight", "bias"):
-            m[f"vision.pool.{n}.{p}"] = f"{v}image_pooling_2d.{n}.{p}"
-    for i in range(max(cfg.vit_layers_used) + 1):
-        src, dst = f"{v}image_vit.transformer.resblocks.{i}.", f"vision.blocks.{i}."
-        for p in ("weight", "bias"):
-            for n in ("wq", "wk", "wv", "wo"):
-                m[f"{dst}attention.{n}.{p}"] = f"{src}attention.{n}.{p}"
-            m[f"{dst}w1.{p}"] = f"{src}feed_forward.w1.{p}"
-            m[f"{dst}w2.{p}"] = f"{src}feed_forward.w2.{p}"
-            m[f"{dst}attention_norm.{p}"] = f"{src}attention_norm.{p}"
-            m[f"{dst}ffn_norm.{p}"] = f"{src}ffn_norm.{p}"
-    m.update(decoder_source_names(cfg))
+    m = {"vision.patch_embedding.bias": "model.vision_backbone.image_vit.patch_embedding.bias"}  # SigLIP's, not v1's
+    m.update(shared_source_names(cfg, max(cfg.vit_layers_used) + 1))
     return m
