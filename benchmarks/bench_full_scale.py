@@ -14,7 +14,7 @@ unless --keep. Molmo2-4B also asks about a 16-frame clip (`ask --video clip.npz`
 `plan` runs for every Jetson in the table; it has no `serve` step by default (run with --with-serve).
 
 Free disk needed (work folder): MolmoE-1B about 50 GiB (29 GB checkpoint + 14.6 GiB fp16 bundle +
-4.2 GiB INT4 decoder + one check layer); Molmo-7B-D about 38 GiB (32 GB checkpoint + 5.6 GiB bundle);
+4.2 GiB INT4 decoder + one check layer); Molmo-7B-D about 44 GiB (32 GB checkpoint + 5.6 GiB bundle + the Orin-size bundle);
 Molmo2-4B about 28 GiB (9.7 GB bf16 checkpoint + 9.6 GiB fp16 bundle + 3.7 GiB INT4 decoder + the
 self-check's short bundle). Peak memory of any step stays under ~8 GiB (Molmo2-4B: see RESULTS.md).
 """
@@ -32,7 +32,7 @@ import time
 import urllib.request
 
 GiB = 2 ** 30
-NEEDS_GIB = {"molmoe-1b": 50, "molmo-7b-d": 38, "molmo2-4b": 28}
+NEEDS_GIB = {"molmoe-1b": 50, "molmo-7b-d": 44, "molmo2-4b": 28}
 VOCAB = {"molmoe-1b": 50280, "molmo-7b-d": 152064, "molmo2-4b": None}  # Molmo2: config.json's (151936)
 CHECKPOINT = {"molmoe-1b": ("bin", "float32"), "molmo-7b-d": ("safetensors", "float32"),
               "molmo2-4b": ("safetensors", "bfloat16")}
@@ -282,16 +282,23 @@ def main() -> int:
                                                        "--json", "--max-new-tokens", "16"], work, log)
             if "roofline" not in a.skip:
                 run_step("roofline", py + [ROOFLINE, bundle], work, log)
-            if "orin" not in a.skip:  # the Orin-size INT4 decoder: block 64, fp16 scales, int8 head (replaces decoder.int4)
-                run_step("orin_quantize", cli + ["quantize", bundle, "--weights", "int4", "--block-size", "64", "--scales", "fp16",
-                                                 "--head", "int8"], work, log)
-                run_step("orin_ask", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--json",
+            # the Orin-size INT4 decoder: block 64, fp16 scales, int8 head. From the float decoder by `quantize`
+            # (replacing decoder.int4), or for 7B-D, whose bundle has no float decoder, straight from the checkpoint
+            orin = ["--weights", "int4", "--block-size", "64", "--scales", "fp16", "--head", "int8"]
+            direct = export[:export.index(ck) + 1] + ["-o", bundle + "-int4", "--dtype", "fp16", *orin, "--force"]
+            orin_bundle = bundle + "-int4" if a.family == "molmo-7b-d" else bundle
+            if "orin" not in a.skip:
+                if orin_bundle == bundle:
+                    run_step("orin_quantize", cli + ["quantize", bundle, *orin], work, log)
+                else:
+                    run_step("export_int4", direct, work, log)
+                run_step("orin_ask", cli + ["ask", orin_bundle, "--image", image, "Point to the cups.", "--json",
                                             "--max-new-tokens", "32"], work, log)
-                run_step("orin_plan", cli + ["plan", bundle, "--device", "orin-nano-8gb", "--precision", "int4", "--json"], work, log)
-                run_step("orin_roofline", py + [ROOFLINE, bundle], work, log)
-            if "export_int4" not in a.skip:  # straight to the quantized decoder, no float decoder on disk
-                run_step("export_int4", cli + ["export", ck, "-o", bundle + "-int4", "--dtype", "fp16", "--weights", "int4",
-                                               "--block-size", "64", "--scales", "fp16", "--head", "int8", "--force"], work, log)
+                run_step("orin_plan", cli + ["plan", orin_bundle, "--device", "orin-nano-8gb", "--precision", "int4", "--json"],
+                         work, log)
+                run_step("orin_roofline", py + [ROOFLINE, orin_bundle], work, log)
+            if "export_int4" not in a.skip and orin_bundle == bundle:  # straight to the quantized decoder, no float decoder
+                run_step("export_int4", direct, work, log)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

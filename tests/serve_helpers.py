@@ -145,8 +145,8 @@ class SlowModel:
         self.model, self.delay, self.stats = model, delay, model.stats
 
     def ask(self, *a, on_text=None, **kw):
-        def slow(piece):
-            time.sleep(self.delay)
+        def slow(piece):  # the first piece at once (a loaded CI box must not time out before it), then slowly
             if on_text:
                 on_text(piece)
+            time.sleep(self.delay)
         return self.model.ask(*a, on_text=slow, **kw)

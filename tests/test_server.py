@@ -335,7 +335,7 @@ def test_full_queue_is_503_with_retry_after_and_timeouts_are_not_retryable(point
         gate.set()
         time.sleep(0.2)
         assert request(base, "POST", "/v1/query", body)[0] == 200
-    with serving(pointing_bundle, model=SlowModel(Molmo.load(pointing_bundle), 0.15), limits=Limits(timeout_s=0.5)) as (base, st):
+    with serving(pointing_bundle, model=SlowModel(Molmo.load(pointing_bundle), 0.3), limits=Limits(timeout_s=1.0)) as (base, st):
         for path, b in (("/v1/query", body), ("/v1/chat/completions", {"messages": USER})):
             s, hdrs, out = request(base, "POST", path, b)
             err = error_of(out)
