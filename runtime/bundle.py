@@ -129,7 +129,8 @@ def choose_graphs(manifest: dict[str, Any], precision: str = "auto", fused: bool
     fused=None picks by measurement (benchmarks/RESULTS.md, onnxruntime CPU): the fused decoder for dense
     models (GroupQueryAttention decodes ~12 % faster), the portable one for MoE.
     precision: fp32/int8/int4 run exactly those graphs or fail with one line saying how to make them
-    (int4 uses the calibrated INT8 vision graph when there is one); auto picks (see LARGE_FLOAT_DECODER_BYTES).
+    (int4 uses the calibrated INT8 vision graph when there is one); auto picks (see LARGE_FLOAT_DECODER_BYTES),
+    and runs vision.int8 whenever it picks a quantized decoder.
     """
     from molmo_edge.runtime.memory import GiB, resident_weight_bytes
 
@@ -156,16 +157,19 @@ def choose_graphs(manifest: dict[str, Any], precision: str = "auto", fused: bool
         vision = "vision.int8" if "vision.int8" in graphs else "vision"
         return GraphChoice(vision, key, "int4", "--precision int4" + (" (with the calibrated INT8 vision graph)"
                                                                       if vision == "vision.int8" else ""))
+    # with a quantized decoder, auto also runs the calibrated INT8 vision graph when the user made one
+    qvision, qnote = ("vision.int8", "; with the calibrated vision.int8") if "vision.int8" in graphs else ("vision", "")
     if float_dec is None:
-        return GraphChoice("vision", quantized[0], quantized[0].split(".")[1],
-                           f"the bundle's only decoder is {quantized[0]}")
+        return GraphChoice(qvision, quantized[0], quantized[0].split(".")[1],
+                           f"the bundle's only decoder is {quantized[0]}{qnote}")
     if device == "cpu" and quantized:
         held = resident_weight_bytes(graphs[float_dec], device)
         if held > LARGE_FLOAT_DECODER_BYTES:
             q = quantized[0]
-            return GraphChoice("vision", q, q.split(".")[1],
+            return GraphChoice(qvision, q, q.split(".")[1],
                                f"on CPU the float {float_dec} would hold {held / GiB:.1f} GiB as float32; {q} holds "
-                               f"{resident_weight_bytes(graphs[q], device) / GiB:.1f} GiB (--precision fp32 runs the float one)")
+                               f"{resident_weight_bytes(graphs[q], device) / GiB:.1f} GiB{qnote} (--precision fp32 runs the "
+                               "float graphs)")
     why = "default" + (" (decoder.fused: measured faster for dense models)" if float_dec == "decoder.fused" else "")
     return GraphChoice("vision", float_dec, "fp32", why)
 

@@ -6,7 +6,9 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
   prepacks every MatMul weight into its own buffer: a float graph holds its weights as float32 in
   anonymous memory, twice the bytes of an fp16 data file.
 - MatMulNBits weights (int4/int8 + scales) are prepacked to about their stored size.
-- The external data itself is memory-mapped (file pages, reclaimable) and released after prepacking.
+- The external data itself is memory-mapped (file pages, reclaimable) and released after prepacking: the fp16
+  files' pages are resident while their Cast is folded, during load, not while answering.
+- No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena.
 - The KV cache is allocated lazily (np.zeros): only the positions written become resident.
 """
 from __future__ import annotations
@@ -51,8 +53,8 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu") -> int:
 
 
 def mapped_file_bytes(entry: dict[str, Any]) -> int:
-    """File pages that stay resident after load: the fp16 weights' external data (measured at full size:
-    0.82 GiB of RssFile for 0.78 GiB of fp16 vision and head weights). Reclaimable, but counted in RSS."""
+    """File pages resident while the graph loads: the fp16 weights' external data (full-width MolmoE-1B vision,
+    0.55 GiB of fp16: VmHWM 0.49 GiB above RssAnon at the end of the load). Reclaimable, but counted in RSS."""
     return int((entry.get("weight_bytes_by_dtype") or {}).get("float16", 0))
 
 
@@ -65,15 +67,15 @@ def _prompt_tokens(cfg) -> int:
 def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200) -> dict[str, int]:
     """Peak working memory of a question at the default crops: vision, prefill, and the KV cache it fills.
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
-    keeps alive at once (fitted on tiny bundles, measured peaks within 8 %): about 3 in the ViT, 7 in the
-    portable decoder (scores, mask add, softmax, their grouped copies); GroupQueryAttention (decoder.fused)
-    never materialises them."""
+    keeps alive at once without its arena (fitted on a tiny bundle and a full-width 2-layer MolmoE-1B, peaks
+    within 7 %): about 3 in the ViT, 4 in the portable decoder (scores, mask add, softmax, a grouped copy);
+    GroupQueryAttention (decoder.fused) never materialises them."""
     v = cfg.vision
     n = cfg.preprocess.max_crops + 1
     vision = 4 * n * v.num_pos * (3 * v.width + v.mlp_dim) + 3 * 4 * n * v.heads * v.num_pos * v.num_pos
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
-    prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 7 * 4 * cfg.n_heads * t * t)
+    prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 4 * 4 * cfg.n_heads * t * t)
     kv = 2 * cfg.n_layers * (t + max_new_tokens) * cfg.kv_dim * 4
     return {"vision": int(vision), "prefill": int(prefill), "kv_cache": int(kv)}
 
@@ -83,7 +85,7 @@ class LoadEstimate:
     graphs: dict[str, int]                 # graph key -> resident (anonymous) weight bytes
     activations: dict[str, int]
     base: int = RUNTIME_BASE_BYTES
-    mapped: int = 0                        # file pages of the weights that stay resident (reclaimable)
+    mapped: int = 0                        # file pages of fp16 weights resident during load (reclaimable)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -92,9 +94,16 @@ class LoadEstimate:
 
     @property
     def total(self) -> int:
-        """Expected peak RSS of a process that loads these graphs and answers one question."""
+        """Expected peak RSS of a process that loads these graphs and answers one question: the load's file pages
+        and a question's working memory are not resident at the same time."""
         a = self.activations
-        return self.base + self.weights + self.mapped + max(a["vision"], a["prefill"]) + a["kv_cache"]
+        return self.base + self.weights + max(self.mapped, a["vision"], a["prefill"]) + a["kv_cache"]
+
+    @property
+    def working(self) -> int:
+        """What the load and a question need that the kernel cannot reclaim: weights, activations, KV cache."""
+        a = self.activations
+        return self.weights + max(a["vision"], a["prefill"]) + a["kv_cache"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"graphs_gib": {k: round(v / GiB, 3) for k, v in self.graphs.items()},
@@ -121,8 +130,8 @@ def fitting_advice(manifest: dict[str, Any], cfg, graphs: dict[str, str], availa
         key = f"decoder.{bits}"
         if key in have and graphs.get("decoder") != key:
             alt = estimate_load(manifest, cfg, dict(graphs, decoder=key), device)
-            if alt.total <= available:
-                return f"run with --precision {bits} (this bundle's {key} needs {alt.total / GiB:.1f} GiB)"
+            if alt.working <= available:
+                return f"run with --precision {bits} (this bundle's {key} needs {alt.working / GiB:.1f} GiB)"
     if "decoder.int4" not in have:
         return "make a smaller decoder with `molmo-edge quantize BUNDLE --weights int4` and run with --precision int4"
     return "free memory (close other programs) or use a machine with more memory"
@@ -135,10 +144,10 @@ def check_fits(manifest: dict[str, Any], cfg, graphs: dict[str, str], name: str,
     est = estimate_load(manifest, cfg, graphs, device)
     avail = machine.mem_available() if available is None else available
     usable = int(avail * USABLE_SHARE)
-    if device == "cpu" and est.total - est.base - est.mapped > usable:  # file pages are reclaimable
+    if device == "cpu" and est.working > usable:  # file pages are reclaimable
         parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in est.graphs.items())
         raise InsufficientMemory(
-            f"{name} needs about {(est.total - est.base - est.mapped) / GiB:.1f} GiB to load and answer ({parts} GiB of weights"
+            f"{name} needs about {est.working / GiB:.1f} GiB to load and answer ({parts} GiB of weights"
             f"{' held as float32' if est.notes else ''}, plus working memory) but {avail / GiB:.1f} GiB are available; "
-            + fitting_advice(manifest, cfg, graphs, usable + est.base, device))
+            + fitting_advice(manifest, cfg, graphs, usable, device))
     return est

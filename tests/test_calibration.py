@@ -385,6 +385,29 @@ def test_cli_calibrate_and_quantize(base_bundle, frames_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_calibrate_end_to_end_reference_falls_back_when_the_float_decoder_does_not_fit(base_bundle, frames_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A full-size bundle on CPU: the float decoder's reference would be OOM-killed, so both runs use the quantized one."""
+    import molmo_edge.runtime.memory as memory
+    from molmo_edge.runtime.cli.main import main
+    b = str(tmp_path / "b")
+    shutil.copytree(base_bundle, b)
+    assert main(["quantize", b, "--weights", "int4"]) == 0
+    real = memory.check_fits
+
+    def float_is_too_big(manifest, cfg, graphs, name, *a, **kw):
+        if not graphs["decoder"].startswith("decoder.int"):
+            raise memory.InsufficientMemory(f"{name} needs about 28 GiB")
+        return real(manifest, cfg, graphs, name, *a, **kw)
+    monkeypatch.setattr(memory, "check_fits", float_is_too_big)
+    assert main(["calibrate", b, "--source", frames_dir, "--samples", "4", "--holdout", "1", "--max-crops", "1",
+                 "--e2e-frames", "1", "--max-new-tokens", "4"]) == 0
+    assert "does not fit this machine's memory" in capsys.readouterr().err
+    e = json.load(open(os.path.join(b, "calibration", "report.json")))["end_to_end"]
+    assert e["graphs"] == {"fp32": ["vision", "decoder.int4"], "int8": ["vision.int8", "decoder.int4"]}
+    assert "decoder.int4" in e["reference_note"] and e["summary"]["cases"] == len(e["cases"]) > 0
+
+
 def test_camera_is_recorded_until_enough_distinct_frames(monkeypatch):
     import molmo_edge.runtime.cameras as sources
 

@@ -68,6 +68,11 @@ def test_guard_and_auto_name_the_quantized_decoder_that_fits(bundle):
     assert c.decoder == "decoder.int4" and "would hold 28.0 GiB as float32" in c.reason
     assert choose_graphs(man, "fp32").decoder == "decoder"
     assert choose_graphs(man, "auto", device="cuda").decoder == "decoder"  # the rule is about CPU memory
+    assert c.vision == "vision"
+    man["graphs"]["vision.int8"] = dict(man["graphs"]["vision"])  # after `calibrate`: auto runs it with the int4 decoder
+    c = choose_graphs(man, "auto")
+    assert (c.vision, c.decoder) == ("vision.int8", "decoder.int4") and "vision.int8" in c.reason
+    assert choose_graphs(man, "auto", device="cuda").vision == "vision"  # a float decoder keeps the float vision
 
 
 def test_fp16_weights_are_estimated_as_held(bundle):
