@@ -274,7 +274,7 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
 def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, max_new_tokens: int,
                 threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
     from molmo_edge.runtime.backends.ort import OrtBackend
-    from molmo_edge.runtime.bundle import GraphChoice, choose_graphs
+    from molmo_edge.runtime.bundle import BundleError, GraphChoice, choose_graphs
     from molmo_edge.runtime.memory import InsufficientMemory, check_fits
     from molmo_edge.runtime.session import Molmo
 
@@ -283,15 +283,19 @@ def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, m
     # The two runs load one after the other, and a float reference that would not fit this machine's memory
     # (a full-size bundle on CPU) is replaced by the quantized decoder, so the comparison isolates the vision
     graphs = bundle.manifest["graphs"]
-    fp32 = choose_graphs(bundle.manifest, "fp32", fused=True)
-    decoder = next((k for k in ("decoder.int8", "decoder.int4") if k in graphs), fp32.decoder)
-    note = None
+    quantized = next((k for k in ("decoder.int8", "decoder.int4") if k in graphs), None)
+    fp32 = note = None
     try:
+        fp32 = choose_graphs(bundle.manifest, "fp32", fused=True)
         check_fits(bundle.manifest, bundle.config, {"vision": fp32.vision, "decoder": fp32.decoder}, bundle.folder)
-    except InsufficientMemory:
-        fp32, note = GraphChoice("vision", decoder, "fp32", "calibration end-to-end reference"), (
-            f"the float decoder does not fit this machine's memory: the reference runs {decoder} with the float vision")
+    except (BundleError, InsufficientMemory) as e:  # no float decoder (export --weights), or it would not fit
+        if quantized is None:
+            raise
+        why = "does not fit this machine's memory" if isinstance(e, InsufficientMemory) else "is not in this bundle"
+        fp32, note = GraphChoice("vision", quantized, "fp32", "calibration end-to-end reference"), (
+            f"the float decoder {why}: the reference runs {quantized} with the float vision")
         progress(f"[calibrate] end to end: {note}")
+    decoder = quantized or fp32.decoder
     choices = {"fp32": fp32, "int8": GraphChoice("vision.int8", decoder, "int8", "calibration end-to-end check")}
     for c in choices.values():
         check_fits(bundle.manifest, bundle.config, {"vision": c.vision, "decoder": c.decoder}, bundle.folder)

@@ -439,3 +439,15 @@ def test_camera_is_recorded_until_enough_distinct_frames(monkeypatch):
     assert fs.duplicates == 38 and all(f.origin.startswith("camera:/dev/video9#read=") for f in fs.calibration)
     with pytest.raises(CalibrationError, match="1 distinct frame"):
         select_frames("/dev/video8", samples=2, holdout=1, camera_reads=40)  # a static camera
+
+
+def test_calibrate_a_bundle_exported_straight_to_int4(tiny_checkpoints, frames_dir, tmp_path, capsys):
+    """`export --weights int4` writes no float decoder: the end-to-end reference runs the INT4 one."""
+    from molmo_edge.runtime.cli.main import main
+    b = str(tmp_path / "b")
+    assert main(["export", tiny_checkpoints["molmoe-1b"], "-o", b, "--weights", "int4", "--no-check"]) == 0
+    assert main(["calibrate", b, "--source", frames_dir, "--samples", "4", "--holdout", "1", "--max-crops", "1",
+                 "--e2e-frames", "1", "--max-new-tokens", "4", "--min-cosine", "0.5"]) == 0
+    assert "is not in this bundle" in capsys.readouterr().err
+    e = json.load(open(os.path.join(b, "calibration", "report.json")))["end_to_end"]
+    assert e["graphs"] == {"fp32": ["vision", "decoder.int4"], "int8": ["vision.int8", "decoder.int4"]}
