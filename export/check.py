@@ -37,6 +37,9 @@ from molmo_edge.export.graph import GraphBuilder
 # reference holding the same weights. fp32 compute: rounding-order noise only (~1e-5 measured).
 # MatMulNBits at accuracy level 4 quantizes its activations to int8 per block inside the kernel.
 GRAPH_TOLERANCE = {"float": 2e-3, "int8-activations": 8e-2}
+# LM head rows per slice: torch computes the logits a slice at a time, and the last one-layer graph checks
+# its head on the first slice (its rows are built by the same code as all the others)
+HEAD_ROWS = 16384
 # Lowest logit cosine (held weights vs source weights, whole decoder) before export refuses: the
 # storage precision itself would have broken the model. Random-weight models are the worst case.
 PRECISION_BOUNDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "int4": 0.95}
@@ -50,8 +53,12 @@ class HeldWeights(Mapping):
         self.head = lm_head_name(cfg)
 
     def __getitem__(self, name: str):
+        return self.rows(name, 0, None)
+
+    def rows(self, name: str, start: int, stop: int | None):
+        """Rows start:stop of a tensor as held (the LM head in slices: quantization blocks run along a row)."""
         import torch
-        t = self.source[name].float()
+        t = self.source[name][start:stop].float()
         q = self.quantizer
         graph_name = "lm_head.weight" if name == self.head else name  # the name the graph builder asks about
         if q is not None and t.dim() == 2 and q.wants(graph_name):
@@ -80,8 +87,14 @@ def _part(cfg, tensors: Mapping, prefix: str, make: Callable):
     for ours, theirs in hf_source_names(cfg).items():
         if not ours.startswith(prefix):
             continue
-        if isinstance(theirs, list):
-            state[ours[len(prefix):]] = torch.stack([tensors[n] for n in theirs])
+        if isinstance(theirs, list):  # stacked experts, filled one at a time (no list of copies beside the stack)
+            first = tensors[theirs[0]]
+            stacked = torch.empty((len(theirs), *first.shape), dtype=first.dtype)
+            stacked[0] = first
+            del first
+            for j, n in enumerate(theirs[1:], 1):
+                stacked[j] = tensors[n]
+            state[ours[len(prefix):]] = stacked
         else:
             state[ours[len(prefix):]] = tensors[theirs]
     mod.load_state_dict(state, strict=True, assign=True)
@@ -96,6 +109,7 @@ def _session(path: str):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # as the runtime (backends/ort.py): activations freed after each run
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -115,12 +129,18 @@ def _layer_feeds(cfg, x: np.ndarray, kv_layout: str) -> dict[str, np.ndarray]:
 
 
 def _one_layer_graph(folder: str, build, cfg, get, i: int, wdtype, opset: int, quantizer, head: bool) -> str:
-    """Block i alone (weights renamed to block 0), outputting its hidden state, plus the head when asked."""
-    one = cfg.with_(n_layers=1)
+    """Block i alone (weights renamed to block 0), outputting its hidden state, plus the head when asked: the
+    head on its first HEAD_ROWS vocabulary rows (the same graph code for any row count; onnxruntime would hold
+    the whole head as float32 beside the layer), compared with those columns of torch's logits."""
+    rows = min(HEAD_ROWS, cfg.embedding_size)
+    one = cfg.with_(n_layers=1, embedding_size=rows)
     src = "model.transformer.blocks.0."
     dst = f"model.transformer.blocks.{i}."
+    head_name = lm_head_name(cfg)
 
     def get_i(name: str) -> np.ndarray:
+        if name == head_name:
+            return get(name, rows)
         return get(dst + name[len(src):] if name.startswith(src) else name)
 
     path = os.path.join(folder, f"layer{i}.onnx")
@@ -195,9 +215,12 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
     cos, sin = cos[:, None], sin[:, None]
 
     def head(tensors, x):
-        norm = _part(cfg, tensors, "ln_f.", lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
-        lm = _part(cfg, tensors, "lm_head.", lambda: torch.nn.Linear(cfg.d_model, cfg.embedding_size, bias=False))
-        return lm(norm(x)).numpy()[0]
+        """Logits through the final norm and the LM head, HEAD_ROWS vocabulary rows at a time: a float32 copy
+        of the whole head (2.2 GB for Molmo-7B-D) is never held."""
+        h = _part(cfg, tensors, "ln_f.", lambda: RMSNorm(cfg.d_model, cfg.norm_eps))(x)[0]
+        name = lm_head_name(cfg)
+        return np.concatenate([(h @ tensors.rows(name, i, i + HEAD_ROWS).T).numpy()
+                               for i in range(0, cfg.embedding_size, HEAD_ROWS)], -1)
 
     # the source-weight chain once: its logits are what every held chain's precision cost is measured against
     with torch.no_grad():
@@ -247,7 +270,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
             for key in keys:
                 compute = "int8-activations" if quantizer is not None and quantizer.accuracy_level == 4 else "float"
                 tol = GRAPH_TOLERANCE[compute]
-                herr = _rel(head_graph, logits_held)
+                herr = _rel(head_graph, logits_held[:, :head_graph.shape[-1]])
                 w_err, w_layer = worst[key]
                 entry = {"worst_layer": w_layer, "worst_layer_max_rel_diff": w_err, "per_layer_max_rel_diff": per_layer[key],
                          "head_max_rel_diff": herr, "tolerance": tol, "compute": compute,
@@ -336,6 +359,9 @@ class _FloatSource(Mapping):
     def __getitem__(self, name: str):
         return self.source[name].float()
 
+    def rows(self, name: str, start: int, stop: int | None):
+        return self.source[name][start:stop].float()
+
     def __iter__(self):
         return iter(self.source)
 
@@ -343,8 +369,8 @@ class _FloatSource(Mapping):
         return len(self.source)
 
 
-def _numpy_getter(source: Mapping) -> Callable[[str], np.ndarray]:
-    def get(name: str) -> np.ndarray:
-        t = source[name]
+def _numpy_getter(source: Mapping) -> Callable[..., np.ndarray]:
+    def get(name: str, rows: int | None = None) -> np.ndarray:
+        t = source[name][:rows]
         return t.float().numpy() if hasattr(t, "float") else np.asarray(t, np.float32)
     return get

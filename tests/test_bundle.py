@@ -282,3 +282,24 @@ def test_export_with_int4_weights_writes_no_float_decoder(tiny_checkpoints, tmp_
     with pytest.raises(BundleError, match="no float decoder.*--precision int4"):
         Molmo.load(str(tmp_path / "q"), precision="fp32")
     assert len(m.ask("Count the boxes.", _frame(), max_new_tokens=3).token_ids) >= 1
+
+
+def test_head_is_checked_in_slices_and_a_broken_head_still_fails(tiny_checkpoints, tmp_path, monkeypatch):
+    """Full-size heads are computed a slice of rows at a time (and the graph's on its first slice): the result
+    is the same as the whole head, and a wrong head is still caught."""
+    import molmo_edge.export.check as check
+    from molmo_edge.calibration.weight_quant import make_quantizer
+    from molmo_edge.export.graph import GraphBuilder
+    monkeypatch.setattr(check, "HEAD_ROWS", 96)  # tiny vocab 512: six slices, the last one short
+    for name, kw in (("fp16", {}), ("int4", {"quantizer": make_quantizer(4, head="int8")})):
+        man = export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / name), dtype="fp16", whole_check=False,
+                            **kw, **QUIET)
+        f = next(iter(man["parity"]["flavours"].values()))
+        assert f["head_max_rel_diff"] < (1e-5 if name == "fp16" else f["tolerance"]) and f["precision_cost"]["logit_cosine"] > 0.95
+    real = GraphBuilder.linear
+
+    def bad_linear(self, x, w, b, name):  # a plausible bug: the head's rows shifted by one
+        return real(self, x, np.roll(w, 1, axis=0) if name == "lm_head" else w, b, name)
+    monkeypatch.setattr(GraphBuilder, "linear", bad_linear)
+    with pytest.raises(MolmoEdgeError, match="head differs"):
+        export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "bad"), dtype="fp16", whole_check=False, **QUIET)
