@@ -95,6 +95,9 @@ def test_floors_are_bandwidth_and_compute_bounds(moe):
     ps = make_plan(moe, nano, PlanSettings(precision="int4", super_mode=True))
     assert ps.floors_ms["decode_per_token"] < p.floors_ms["decode_per_token"]       # Super: 102 vs 68 GB/s
     assert ps.floors_ms["decode_per_token"] == pytest.approx(p.floors_ms["decode_per_token"] * 68 / 102, rel=0.01)
+    # onnxruntime runs both INT4 graphs: nothing to build, so no builder memory and no note about it
+    assert p.build_host_gib["peak"] == 0 and not any("building the engines" in n for n in p.notes)
+    assert make_plan(moe, nano, PlanSettings(precision="fp16")).build_host_gib["peak"] > 0
     agx = make_plan(moe, DEVICES["agx-orin-64gb"], PlanSettings(precision="int4"))
     assert agx.floors_ms["decode_per_token"] == pytest.approx(p.floors_ms["decode_per_token"] * 68 / 204.8, rel=0.01)
     # decode reads the dense weights and top-8 of 64 experts: far less than all decoder weights

@@ -265,7 +265,10 @@ def build_memory(cfg: MolmoConfig, s: PlanSettings, graph_bytes: dict[str, int] 
     onnx.setdefault("vision", weight_bytes(vision_shapes_used(cfg), "fp32"))
     onnx.setdefault("decoder", weight_bytes(decoder_shapes(cfg), "fp32"))
     ws = s.workspace_mb * 2**20
-    per = {r: round((onnx[r] + engine[r] + ws) / GiB, 3) for r in ("vision", "decoder")}
+    built = [r for r in ("vision", "decoder") if PART_BACKENDS[s.precision][r] == "tensorrt"]
+    if not built:  # onnxruntime runs both graphs: no engine to build
+        return {"vision": 0.0, "decoder": 0.0, "peak": 0.0, "basis": "no TensorRT engine: onnxruntime runs both graphs"}
+    per = {r: round((onnx[r] + engine[r] + ws) / GiB, 3) if r in built else 0.0 for r in ("vision", "decoder")}
     out: dict[str, Any] = {**per, "peak": max(per.values()),
                            "basis": "estimate: ONNX weights as stored + fp16 engine weights + workspace, one graph at a time"}
     if measured and measured.get("peak_rss_mib"):
