@@ -169,10 +169,13 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
         staged_manifest = dict(bundle.manifest)
         staged_manifest["graphs"] = dict(bundle.manifest["graphs"])
         staged_manifest["graphs"]["vision.int8"] = dict(entry, file=f"{rel_stage}/{qdq_file}")
-        report = _evaluate(Bundle(bundle.folder, staged_manifest, cfg), proc, sess, frames, quant, scales,
-                           os.path.join(stage, qdq_file), max_crops, batch, prompts, e2e_frames, max_new_tokens,
+        staged = Bundle(bundle.folder, staged_manifest, cfg)
+        report = _evaluate(staged, proc, sess, frames, quant, scales, os.path.join(stage, qdq_file), max_crops, batch,
                            threads, progress)
-        del sess
+        del sess  # the tapped session (its float32 weights and every tapped buffer) before the answers load a model
+        if e2e_frames > 0:
+            report["end_to_end"] = _end_to_end(staged, frames.holdout[:e2e_frames], list(prompts or DEFAULT_PROMPTS),
+                                               max_crops, max_new_tokens, threads, progress)
         report.update({"method": method, "percentile": percentile if method == "percentile" else None,
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        "tools": package_versions()})
@@ -225,9 +228,8 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
 
 
 def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, float], qdq_path: str,
-              max_crops: int | None, batch: int, prompts: Sequence[Prompt] | None, e2e_frames: int,
-              max_new_tokens: int, threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Features, per-layer sensitivity and end-to-end answers on the held-out frames."""
+              max_crops: int | None, batch: int, threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Features and per-layer sensitivity on the held-out frames."""
     import onnx
     from onnx import numpy_helper
 
@@ -262,13 +264,8 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
                  f"{min(c['cosine'] for c in m):.5f}")
     del int8
     layers = sorted((e.to_dict() for e in layer_err), key=lambda d: (d["output_cosine"], d["layer"]))
-    report: dict[str, Any] = {"features": {**summarise(all_crops), "graphs": ["vision", "vision.int8"],
-                                           "per_frame": per_frame},
-                              "layers": layers}
-    if e2e_frames > 0:
-        report["end_to_end"] = _end_to_end(bundle, frames.holdout[:e2e_frames], list(prompts or DEFAULT_PROMPTS),
-                                           max_crops, max_new_tokens, threads, progress)
-    return report
+    return {"features": {**summarise(all_crops), "graphs": ["vision", "vision.int8"], "per_frame": per_frame},
+            "layers": layers}
 
 
 def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, max_new_tokens: int,

@@ -262,6 +262,7 @@ def tapped_session(graph_path: str, names: Sequence[str], threads: int | None = 
             model.graph.output.append(onnx.ValueInfoProto(name=n))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # every tap is a graph output: an arena would keep a crop's worth of them
     # taps must see the graph's own tensors: no fusion that would hide or change them
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:

@@ -10,12 +10,11 @@ layers it `wants` into onnxruntime MatMulNBits nodes as they are written, so `ex
 never puts a float decoder on disk."""
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from molmo_edge.runtime.external_data import ExternalDataWriter, tensor_proto
 
