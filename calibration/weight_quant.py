@@ -52,6 +52,11 @@ def weight_kind(name: str, lm_head: str) -> str | None:
     return None
 
 
+# output columns quantized at once: a whole Molmo-7B-D LM head (152,064 columns) made ~4 GB of float32
+# temporaries (its Orin-size export peaked at 6.3 GiB anonymous); 8192 columns make ~0.5 GB at most
+QUANT_COLUMNS = 8192
+
+
 def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric blockwise quantization of a [K, N] ([in, out]) weight in MatMulNBits layout.
 
@@ -61,6 +66,9 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     if bits not in (4, 8):
         raise CalibrationError(f"--weights int{bits} is not supported; use int4 or int8")
     k, n = w.shape
+    if n > QUANT_COLUMNS:  # columns are independent: a slice at a time keeps the float32 temporaries small
+        parts = [quantize_blockwise(w[:, i:i + QUANT_COLUMNS], bits, block_size) for i in range(0, n, QUANT_COLUMNS)]
+        return np.concatenate([b for b, _ in parts]), np.concatenate([sc for _, sc in parts])
     nb = -(-k // block_size)
     wt = np.zeros((n, nb * block_size), np.float32)
     wt[:, :k] = np.asarray(w, np.float32).T

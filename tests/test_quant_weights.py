@@ -188,3 +188,14 @@ def test_orin_size_int4_fp16_scales_and_quantized_head(bundles, tmp_path):
     assert small["check"]["logit_cosine"] > 0.9
     m = Molmo.load(b, precision="int4")
     assert len(m.ask("Point to the cup.", np.full((200, 300, 3), 128, np.uint8), max_new_tokens=3).token_ids) >= 1
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (8, 64)])
+def test_wide_weights_are_quantized_a_column_slice_at_a_time_with_the_same_result(bits, block, monkeypatch):
+    """An LM head's 152k columns go through in slices (memory); the bytes and scales equal one whole pass."""
+    import molmo_edge.calibration.weight_quant as wq
+    w = np.random.default_rng(1).standard_normal((100, 1000)).astype(np.float32)
+    whole = quantize_blockwise(w, bits, block)
+    monkeypatch.setattr(wq, "QUANT_COLUMNS", 96)  # 11 slices, the last one short
+    sliced = quantize_blockwise(w, bits, block)
+    assert np.array_equal(whole[0], sliced[0]) and np.array_equal(whole[1], sliced[1])
