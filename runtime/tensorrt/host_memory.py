@@ -30,12 +30,15 @@ def _mem_available_kib() -> int | None:
 
 
 def _reset_peak() -> bool:
+    """Reset VmHWM; True only when it took (VmHWM back at VmRSS): some kernels accept the write and keep the
+    peak (seen on this project's CI VM), and then a stage would report the process peak as its own."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
         return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm - rss < 4096
 
 
 class HostMemory:
