@@ -3,7 +3,9 @@
 Each stage resets the kernel's peak-RSS mark (`echo 5 > /proc/self/clear_refs`, Linux 4.0+), so VmHWM at
 its end is that stage's own peak, not the process's so far. On Jetson, CUDA allocations live in the same
 DRAM but are not part of RSS, so MemAvailable at each stage's end is recorded too. Off Linux only the
-process peak (ru_maxrss) is known and every stage reports it.
+process peak (ru_maxrss) is known and every stage reports it. A reset is trusted only when VmHWM came back to
+VmRSS; the kernel may fold memory freed within a stage into VmHWM late (this project's CI VM, Linux 6.18, did
+not count a freed 200 MiB mapping), so a stage's transient peak may be a lower bound (not yet run on a Jetson).
 """
 from __future__ import annotations
 
