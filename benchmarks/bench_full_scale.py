@@ -300,11 +300,16 @@ def main() -> int:
             if "export_int4" not in a.skip and orin_bundle == bundle:  # straight to the quantized decoder, no float decoder
                 run_step("export_int4", direct, work, log)
     finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
-            print(f"[full-scale] removed {work}", file=sys.stderr)
-    print(f"[full-scale] wrote {out}", file=sys.stderr)
+        finish(work, a.keep, out, "full-scale")
     return 0
+
+
+def finish(work: str, keep: bool, out: str, tag: str) -> None:
+    """Delete what the run made (unless --keep) and say where its results went."""
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"[{tag}] removed {work}", file=sys.stderr)
+    print(f"[{tag}] wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_full_scale import ROOFLINE, du, run_step  # noqa: E402
+from bench_full_scale import ROOFLINE, du, finish, run_step  # noqa: E402
 
 GiB = 2 ** 30
 NEEDS_GIB = 22
@@ -92,10 +92,7 @@ def main() -> int:
             run_step("roofline_orin", py + [ROOFLINE, orin], work, log)
             run_step("bench_orin", cli + [bench[0], orin] + bench[1:] + ["--reduced-crops", "0"], work, log)
     finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
-            print(f"[full-speed] removed {work}", file=sys.stderr)
-    print(f"[full-speed] wrote {out}", file=sys.stderr)
+        finish(work, a.keep, out, "full-speed")
     return 0
 
 

@@ -320,23 +320,13 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     """
     from molmo_edge.runtime.bundle import Bundle, load_bundle
 
-    if bits not in (4, 8):
-        raise CalibrationError(f"--weights int{bits} is not supported; use int4 or int8")
-    if block_size not in BLOCK_SIZES:
-        raise CalibrationError(f"--block-size {block_size} is not supported; use one of {', '.join(map(str, BLOCK_SIZES))}")
-    level = 4 if accuracy_level is None else int(accuracy_level)
-    if level not in (0, 1, 2, 3, 4):
-        raise CalibrationError(f"--accuracy-level {accuracy_level} must be 0-4 (0: fp32 compute, 4: int8 compute)")
+    level = make_quantizer(bits, block_size, accuracy_level, head, scales).accuracy_level  # the one place settings are checked
     bundle = load_bundle(bundle_dir)
     from molmo_edge.runtime.hf_names import lm_head_name
     key, fname = f"decoder.int{bits}", f"decoder.int{bits}.onnx"
     if "decoder" not in bundle.manifest["graphs"]:
         raise CalibrationError(f"{bundle_dir} has no float decoder to quantize (it was exported with --weights); "
                                "export again without --weights, or with the --weights you want")
-    if scales not in ("fp32", "fp16"):
-        raise CalibrationError(f"--scales {scales} is not supported; use fp32 or fp16")
-    if head not in HEAD_CHOICES:
-        raise CalibrationError(f"--head {head} is not supported; use {', '.join(HEAD_CHOICES)}")
     base = bundle.manifest["graphs"]["decoder"]
     t0 = time.perf_counter()
     progress(f"[quantize] {bundle_dir}: decoder weights -> int{bits}, block {block_size}, symmetric (MatMulNBits) ...")
