@@ -8,9 +8,10 @@ int4 --no-check`: the export's self-check is measured by bench_full_scale.py), t
 the roofline of one decode step, `bench` with the fp32 (fp16-stored) vision, the first answer to a new 640x480
 frame at the default crops and at --max-crops 2, `calibrate` (INT8 vision from 16 generated frames; --min-cosine 0.9, since random weights are not a trained ViT), `bench`
 and the first answers again with the INT8 vision, then the Orin-size INT4 decoder (block 64, fp16 scales,
-int8 head) exported the same way, its roofline and `bench`. --after PID waits for another process (a run
+int8 head) exported the same way, its roofline and `bench`, and the INT4 decoder with the experts as routed
+MatMulNBits branches (`--experts routed`, the form before QMoE), its roofline and `bench`, for the side by side. --after PID waits for another process (a run
 sharing this machine) to end before the timed steps, so the preparation can overlap it.
-Free disk needed: about 22 GiB. Results: benchmarks/results/full_speed_molmoe-1b.jsonl.
+Free disk needed: about 27 GiB. Results: benchmarks/results/full_speed_molmoe-1b.jsonl.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_full_scale import ROOFLINE, du, finish, run_step  # noqa: E402
 
 GiB = 2 ** 30
-NEEDS_GIB = 22
+NEEDS_GIB = 27
 
 
 def main() -> int:
@@ -35,6 +36,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2, help="timed runs per bench stage (default 2)")
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a dry run of the script)")
     ap.add_argument("--tiny", action="store_true", help="tiny test widths (a seconds-long check of this script)")
+    ap.add_argument("--calib-samples", type=int, default=16, help="calibrate's --samples (default 16; the INT8 "
+                    "vision's speed does not depend on it)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
     ap.add_argument("--out", default=None, help="JSON lines (default benchmarks/results/full_speed_molmoe-1b.jsonl)")
     a = ap.parse_args()
@@ -46,7 +49,7 @@ def main() -> int:
         print(f"[full-speed] {work}: {free:.0f} GiB free, this run needs about {need:.0f} GiB", file=sys.stderr)
         return 2
     out = a.out or os.path.join(os.path.dirname(__file__), "results", "full_speed_molmoe-1b.jsonl")
-    ck, bundle, orin = (os.path.join(work, n) for n in ("checkpoint", "bundle", "bundle-orin"))
+    ck, bundle, orin, routed = (os.path.join(work, n) for n in ("checkpoint", "bundle", "bundle-orin", "bundle-routed"))
     image, frames = os.path.join(work, "frame.jpg"), os.path.join(work, "frames")
     py, cli = [sys.executable, "-c"], [sys.executable, "-m", "molmo_edge.runtime.cli"]
     size = "tiny" if a.tiny else "full"
@@ -83,14 +86,17 @@ def main() -> int:
 
             run_step("roofline", py + [ROOFLINE, bundle], work, log)
             measure("fp32_vision")
-            run_step("calibrate", cli + ["calibrate", bundle, "--source", frames, "--samples", "16", "--holdout", "4",
+            run_step("calibrate", cli + ["calibrate", bundle, "--source", frames, "--samples", str(a.calib_samples),
+                                         "--holdout", "4",
                                          "--e2e-frames", "2", "--max-new-tokens", "16", "--min-cosine", "0.9", "--json"], work, log)
             measure("int8_vision")
             run_step("export_orin", export + ["-o", orin, "--block-size", "64", "--scales", "fp16", "--head", "int8"],
                      work, log)
+            run_step("export_routed", export + ["-o", routed, "--experts", "routed"], work, log)
             shutil.rmtree(ck, ignore_errors=True)
-            run_step("roofline_orin", py + [ROOFLINE, orin], work, log)
-            run_step("bench_orin", cli + [bench[0], orin] + bench[1:] + ["--reduced-crops", "0"], work, log)
+            for tag, b in (("orin", orin), ("routed", routed)):
+                run_step(f"roofline_{tag}", py + [ROOFLINE, b], work, log)
+                run_step(f"bench_{tag}", cli + [bench[0], b] + bench[1:] + ["--reduced-crops", "0"], work, log)
     finally:
         finish(work, a.keep, out, "full-speed")
     return 0

@@ -58,9 +58,10 @@ def build(workdir: str, layers: int, frames: int) -> str:
     # INT4 with fp32 compute (accuracy_level 0), outside the manifest, to show why level 4 is the default
     al0 = os.path.join(workdir, "int4-level0", "decoder.int4.onnx")
     if not os.path.exists(al0):
-        from molmo_edge.calibration.weight_quant import quantize_graph
+        from molmo_edge.calibration.weight_quant import make_quantizer, quantize_graph
         os.makedirs(os.path.dirname(al0), exist_ok=True)
-        quantize_graph(os.path.join(bundle, "decoder.onnx"), al0, 4, 32, "lm_head.weight", 0, progress=_say)
+        quantize_graph(os.path.join(bundle, "decoder.onnx"), al0, make_quantizer(4, 32, 0), "lm_head.weight", progress=_say,
+                       top_k=load_bundle(bundle).config.moe_top_k)
     return bundle
 
 

@@ -88,8 +88,9 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
     progress(f"[export] {folder}: {cfg.family}, d_model {cfg.d_model}, {cfg.n_layers} layers, "
              f"{parameter_count(cfg)['total'] / 1e9:.2f} B parameters")
     wdtype = np.float16 if dtype == "fp16" else np.float32
-    if quantizer is not None:
-        decoders = [(f"decoder.int{quantizer.bits}", build_decoder, quantizer)]
+    if quantizer is not None:  # fused=True: the quantized decoder in the fused graph's layout (GroupQueryAttention)
+        decoders = [(f"decoder.int{quantizer.bits}", build_decoder_fused if fused and _default_fused(cfg, True, progress)
+                     else build_decoder, quantizer)]
     else:
         decoders = [("decoder", build_decoder, None)]
         if _default_fused(cfg, fused, progress):
@@ -183,11 +184,12 @@ def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, pr
                                 "quantized_matmuls": len(g.quantized), "scales": quantizer.scales,
                                 "head": f"int{quantizer.head_bits}" if quantizer.head_bits else "float",
                                 "kept_float": ["MoE router (mlp.gate)"] + ([] if quantizer.head_bits else ["lm_head"]) + ["norms"],
+                                "experts_op": "com.microsoft.QMoE" if any(n.op_type == "QMoE" for n in model.graph.node) else None,
                                 "source_graph": "checkpoint (export --weights)"}
         info["targets"] = ["onnxruntime"]
     info["padding_bytes"] = g.padding_bytes
     info["weight_bytes_by_dtype"] = g.bytes_by_dtype
-    if name == "decoder.fused":
+    if build is build_decoder_fused:
         info["kv_layout"] = FUSED_KV_LAYOUT
         info["targets"] = ["onnxruntime"]
     progress(f"[export]   {name}: {info['nodes']} nodes, {info['data_bytes'] / 1e6:.1f} MB weights, "
@@ -253,7 +255,8 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
         "kv_cache": {"layout": ["batch", "seq", "kv_heads", "head_dim"], "n_layers": cfg.n_layers,
                      "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "max_seq": cfg.max_sequence_length},
         "moe": ({"experts": cfg.moe_num_experts, "top_k": cfg.moe_top_k,
-                 "expressed_as": "per-expert NonZero/Gather branches with a one-hot MatMul add-back: only routed tokens' rows are computed"}
+                 "expressed_as": "per-expert NonZero/Gather branches with a one-hot MatMul add-back: only routed tokens' rows are "
+                                 "computed; weight-only quantized decoders: one onnxruntime QMoE node per layer unless --experts routed"}
                 if cfg.is_moe else None),
         "graphs": graphs,
         "tools": package_versions(),

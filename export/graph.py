@@ -33,6 +33,9 @@ class WeightQuantizer(Protocol):
     def bits_for(self, name: str) -> int: ...
     def quantize(self, w_in_out: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]: ...
     def dequantize(self, b: np.ndarray, scales: np.ndarray, k: int, name: str = "") -> np.ndarray: ...
+    def packs_experts(self, d_model: int, inner: int) -> bool: ...
+    def pack_experts(self, get_in_out: Any, prefix: str, n_experts: int) -> dict[str, np.ndarray]: ...
+    def experts_node(self, make: Any, x: str, logits: str, weights: dict[str, str], top_k: int) -> str: ...
 
 
 class GraphBuilder:
@@ -71,6 +74,11 @@ class GraphBuilder:
 
     def _tensor(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
         return tensor_proto(self._data, name, arr)
+
+    def raw(self, name: str, arr: np.ndarray) -> str:
+        """An initializer stored exactly as given (packed quantized weights, their scales)."""
+        self.inits.append(self._tensor(name, arr))
+        return name
 
     def weight(self, name: str, arr: np.ndarray, transpose: bool = False) -> str:
         """A float parameter stored in the bundle's weight dtype; a Cast back to float32 follows when stored as fp16."""
@@ -112,8 +120,7 @@ class GraphBuilder:
             k, n = w.shape[1], w.shape[0]
             bits = q.bits_for(name + ".weight")
             packed, scales = q.quantize(np.asarray(w, np.float32).T, name + ".weight")
-            bn, sn = name + f".weight.q{bits}", name + f".weight.q{bits}_scales"
-            self.inits += [self._tensor(bn, packed), self._tensor(sn, scales)]
+            bn, sn = self.raw(name + f".weight.q{bits}", packed), self.raw(name + f".weight.q{bits}_scales", scales)
             self.quantized.append(name + ".weight")
             half = scales.dtype == np.float16  # MatMulNBits takes activations of its scales' type
             a = self.op("Cast", [x], to=TensorProto.FLOAT16) if half else x

@@ -89,8 +89,8 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: boo
         else:
             x = g.op("Add", [x, g.rms_norm(att, get(a + "attn_norm.weight"), cfg.norm_eps, a + "attn_norm")])
             h = x
-        if cfg.is_moe and not moe_op:
-            y = _moe(g, cfg, h, get, f)  # the portable routed branches
+        if cfg.is_moe and (not moe_op or g.quantizer is not None):
+            y = _moe(g, cfg, h, get, f)  # the portable routed branches, or QMoE for the weight-only quantized decoder
         elif cfg.is_moe:
             flat = g.op("Reshape", [h, g.const([-1, d])])
             router = g.linear(flat, get(f + "gate.weight"), None, f + "gate")

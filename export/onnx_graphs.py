@@ -12,7 +12,9 @@ MoE: one routed branch per expert. Each expert gathers the tokens that chose it 
 Gather), runs its SwiGLU on those rows only and adds the weighted result back through a one-hot
 [N, n_e] MatMul (exact; TensorRT 10.3 has no ScatterND reduction) in expert order, like the HF
 loop. In decode (one token) every unselected expert gets zero rows, so its weights are never
-read: a step reads top_k of n_experts experts.
+read: a step reads top_k of n_experts experts. The weight-only quantized decoders (`export --weights`,
+MatMulNBits: onnxruntime-only anyway) put a layer's experts in one onnxruntime QMoE node instead
+(the quantizer's `experts` setting; "routed" keeps the branches).
 """
 from __future__ import annotations
 
@@ -130,6 +132,15 @@ def _moe(g: GraphBuilder, cfg: MolmoConfig, h: str, get: Get, f: str) -> str:
     d = cfg.d_model
     flat = g.op("Reshape", [h, g.const([-1, d])])
     logits = g.linear(flat, get(f + "gate.weight"), None, f + "gate")
+    q = g.quantizer
+    if q is not None and q.wants(f + "experts.0.gate_proj.weight") and q.packs_experts(d, cfg.ffn_inner):
+        # weight-only quantized decoders (onnxruntime-only already): the layer's experts in one QMoE node
+        packed = q.pack_experts(lambda name: get(name).T, f + "experts.", cfg.moe_num_experts)
+        names = {k: g.raw(f"{f}experts.{k}.q{q.bits}", v) for k, v in packed.items()}
+        del packed
+        g.quantized += [f"{f}experts.{e}.{m}.weight" for e in range(cfg.moe_num_experts) for m in ("gate_proj", "up_proj", "down_proj")]
+        y = q.experts_node(lambda op, ins, **attrs: g.op(op, ins, **attrs), flat, logits, names, cfg.moe_top_k)
+        return g.op("Reshape", [y, g.op("Shape", [h])])
     probs = g.op("Softmax", [logits], axis=-1)
     top_w, top_i = g.op("TopK", [probs, g.const([cfg.moe_top_k])], n_out=2, axis=-1, largest=1, sorted=1)
     n_tok = g.op("Slice", [g.op("Shape", [flat]), g.const([0]), g.const([1])])

@@ -14,7 +14,8 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from molmo_edge.calibration import CalibrationError  # noqa: E402
-from molmo_edge.calibration.weight_quant import dequantize_blockwise, quantize_blockwise, quantize_decoder_weights  # noqa: E402
+from molmo_edge.calibration.weight_quant import (  # noqa: E402
+    dequantize_blockwise, quantize_blockwise, quantize_decoder_weights, weight_kind)
 from molmo_edge.export.bundle import export_bundle  # noqa: E402
 from molmo_edge.runtime.bundle import load_bundle  # noqa: E402
 from molmo_edge.runtime.session import Molmo  # noqa: E402
@@ -83,11 +84,11 @@ def _decoder_feeds(bundle, t=6):
     return feeds
 
 
-@pytest.mark.parametrize("family", ["molmoe-1b", "molmo-7b-d"])
-def test_decoder_flavour_equals_float_decoder_with_dequantized_weights(bundles, family, tmp_path):
+@pytest.mark.parametrize("family,experts", [("molmoe-1b", "qmoe"), ("molmoe-1b", "routed"), ("molmo-7b-d", "qmoe")])
+def test_decoder_flavour_equals_float_decoder_with_dequantized_weights(bundles, family, experts, tmp_path):
     b = str(tmp_path / "b")
     shutil.copytree(bundles[family], b)
-    entry = quantize_decoder_weights(b, 4, 32, accuracy_level=0, **QUIET)  # fp32 compute: exact parity below
+    entry = quantize_decoder_weights(b, 4, 32, accuracy_level=0, experts=experts, **QUIET)  # fp32 compute: exact parity below
     bundle = load_bundle(b)
     cfg = bundle.config
     g = bundle.manifest["graphs"]["decoder.int4"]
@@ -100,7 +101,12 @@ def test_decoder_flavour_equals_float_decoder_with_dequantized_weights(bundles, 
     assert g["quantization"]["quantized"] == {**{k: v * cfg.n_layers for k, v in per_layer.items()}, "head": 0}
     q = onnx.load(os.path.join(b, "decoder.int4.onnx"), load_external_data=False)
     ops = [n.op_type for n in q.graph.node]
-    assert ops.count("MatMulNBits") == sum(g["quantization"]["quantized"].values())
+    qmoe = cfg.is_moe and experts == "qmoe"  # a layer's experts in one QMoE node, the routed branches gone
+    assert ops.count("QMoE") == (cfg.n_layers if qmoe else 0)
+    assert ops.count("MatMulNBits") == sum(g["quantization"]["quantized"].values()) - (per_layer["experts"] * cfg.n_layers if qmoe else 0)
+    assert g["quantization"]["experts_op"] == ("com.microsoft.QMoE" if qmoe else None)
+    if qmoe:
+        assert "NonZero" not in ops and g["nodes"] < 0.4 * load_bundle(bundles[family]).manifest["graphs"]["decoder"]["nodes"]
     float_mm = [n.input[1] for n in q.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight")]
     assert sorted(float_mm) == sorted(["lm_head.weight"] +
                                       ([f"model.transformer.blocks.{i}.mlp.gate.weight" for i in range(cfg.n_layers)]
@@ -110,7 +116,7 @@ def test_decoder_flavour_equals_float_decoder_with_dequantized_weights(bundles, 
     ref = onnx.load(bundle.graph_path("decoder"))
     for t in ref.graph.initializer:
         w = numpy_helper.to_array(t)
-        if t.name in {f"{n.input[1][:-len('.q4')]}" for n in q.graph.node if n.op_type == "MatMulNBits"}:
+        if weight_kind(t.name, "lm_head.weight"):  # attention, FFN and expert weights
             bq, s = quantize_blockwise(w, 4, 32)
             t.CopyFrom(numpy_helper.from_array(dequantize_blockwise(bq, s, 4, 32, w.shape[0]), t.name))
     onnx.save_model(ref, str(tmp_path / "deq.onnx"), save_as_external_data=True, location="deq.onnx.data")

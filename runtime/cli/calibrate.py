@@ -17,6 +17,18 @@ def _need_onnx(command: str) -> None:
                              "(or pip install 'molmo-edge[export]')") from None
 
 
+def add_weight_options(s: argparse.ArgumentParser, when: str = "") -> None:
+    """The weight-only quantization settings `quantize` and `export --weights` share (one place for their help)."""
+    s.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help=f"{when}weights per scale (default 32)")
+    s.add_argument("--head", choices=["float", "int8", "int4"], default="float",
+                   help=f"{when}LM head storage (default float; int8 costs little accuracy, int4 more: both measured by the check)")
+    s.add_argument("--scales", choices=["fp32", "fp16"], default="fp32",
+                   help=f"{when}scale precision (fp16: half the scale bytes, fp16 activations into each quantized MatMul)")
+    s.add_argument("--experts", choices=["qmoe", "routed"], default="qmoe",
+                   help=f"{when}MoE experts: qmoe (default) one onnxruntime QMoE node per layer; routed: one MatMulNBits "
+                        "per expert matmul (16x the nodes, slower on CPU)")
+
+
 def cmd_calibrate(a: argparse.Namespace) -> int:
     _need_onnx("calibrate")
     from molmo_edge.calibration.calibrate import DEFAULT_TRT_VERSIONS, calibrate_bundle
@@ -41,7 +53,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     bits = {"int4": 4, "int8": 8}[a.weights]
     entry = quantize_decoder_weights(a.bundle, bits, a.block_size, accuracy_level=a.accuracy_level, check=not a.no_check,
-                                     head=a.head, scales=a.scales)
+                                     head=a.head, scales=a.scales, experts=a.experts)
     print(os.path.join(os.path.abspath(a.bundle), entry["file"]))
     return 0
 
@@ -98,12 +110,8 @@ def add_commands(sub) -> None:
                     "--precision int4 / int8. The bundle is updated atomically.")
     s.add_argument("bundle", metavar="BUNDLE")
     s.add_argument("--weights", choices=["int4", "int8"], required=True)
-    s.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale (default 32)")
+    add_weight_options(s)
     s.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="MatMulNBits compute: 0 fp32 activations, 4 int8 activations per block (default 4, faster)")
     s.add_argument("--no-check", action="store_true", help="skip the logits check against the fp32 decoder")
-    s.add_argument("--head", choices=["float", "int8", "int4"], default="float",
-                   help="LM head storage (default float; int8 costs little accuracy, int4 more: both measured by the check)")
-    s.add_argument("--scales", choices=["fp32", "fp16"], default="fp32",
-                   help="scale precision (fp16: half the scale bytes, fp16 activations into each quantized MatMul)")
     s.set_defaults(fn=cmd_quantize)

@@ -282,7 +282,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     quantizer = None
     if a.weights:  # export may not import calibration: the CLI hands it the quantizer
         from molmo_edge.calibration.weight_quant import make_quantizer
-        quantizer = make_quantizer(int(a.weights[3:]), a.block_size, head=a.head, scales=a.scales)
+        quantizer = make_quantizer(int(a.weights[3:]), a.block_size, head=a.head, scales=a.scales, experts=a.experts)
     export_bundle(a.model, a.output, dtype=a.dtype, opset=a.opset, max_crops=a.max_crops, check=not a.no_check, force=a.force,
                   fused=a.fused, trt_check=None if a.no_trt_check else check_for_export, quantizer=quantizer)
     print(os.path.abspath(a.output))
@@ -410,11 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=["int4", "int8"], default=None,
                    help="write the weight-only quantized decoder straight from the checkpoint instead of the float ones "
                         "(no float decoder on disk; runs with --precision int4/int8)")
-    s.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="quantization block size (default 32)")
-    s.add_argument("--head", choices=["float", "int8", "int4"], default="float",
-                   help="with --weights: LM head storage (default float; its cost against the float head is reported)")
-    s.add_argument("--scales", choices=["fp32", "fp16"], default="fp32",
-                   help="with --weights: scale precision (fp16: half the scale bytes, fp16 activations into each quantized MatMul)")
+    from molmo_edge.runtime.cli.calibrate import add_weight_options
+    add_weight_options(s, "with --weights: ")
     s.set_defaults(fn=cmd_export)
     _add_module_commands(sub)
     return p
