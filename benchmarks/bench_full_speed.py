@@ -8,10 +8,12 @@ int4 --no-check`: the export's self-check is measured by bench_full_scale.py), t
 the roofline of one decode step, `bench` with the fp32 (fp16-stored) vision, the first answer to a new 640x480
 frame at the default crops and at --max-crops 2, `calibrate` (INT8 vision from 16 generated frames; --min-cosine 0.9, since random weights are not a trained ViT), `bench`
 and the first answers again with the INT8 vision, then the Orin-size INT4 decoder (block 64, fp16 scales,
-int8 head) exported the same way, its roofline and `bench`, and the INT4 decoder with the experts as routed
-MatMulNBits branches (`--experts routed`, the form before QMoE), its roofline and `bench`, for the side by side. --after PID waits for another process (a run
+int8 head) exported the same way, its roofline and `bench`; for the side by side, the INT4 decoder in the
+portable layout with the experts as routed MatMulNBits branches (`--no-fused --experts routed`, the default before
+QMoE) and in the portable layout with QMoE (`--no-fused`, what `quantize` makes of a float bundle), each with
+its roofline and `bench`. --after PID waits for another process (a run
 sharing this machine) to end before the timed steps, so the preparation can overlap it.
-Free disk needed: about 27 GiB. Results: benchmarks/results/full_speed_molmoe-1b.jsonl.
+Free disk needed: about 36 GiB. Results: benchmarks/results/full_speed_molmoe-1b.jsonl.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_full_scale import ROOFLINE, du, finish, run_step  # noqa: E402
 
 GiB = 2 ** 30
-NEEDS_GIB = 27
+NEEDS_GIB = 36
 
 
 def main() -> int:
@@ -49,7 +51,8 @@ def main() -> int:
         print(f"[full-speed] {work}: {free:.0f} GiB free, this run needs about {need:.0f} GiB", file=sys.stderr)
         return 2
     out = a.out or os.path.join(os.path.dirname(__file__), "results", "full_speed_molmoe-1b.jsonl")
-    ck, bundle, orin, routed = (os.path.join(work, n) for n in ("checkpoint", "bundle", "bundle-orin", "bundle-routed"))
+    ck, bundle, orin = (os.path.join(work, n) for n in ("checkpoint", "bundle", "bundle-orin"))
+    portable = {"routed": ["--no-fused", "--experts", "routed"], "portable_qmoe": ["--no-fused"]}
     image, frames = os.path.join(work, "frame.jpg"), os.path.join(work, "frames")
     py, cli = [sys.executable, "-c"], [sys.executable, "-m", "molmo_edge.runtime.cli"]
     size = "tiny" if a.tiny else "full"
@@ -92,9 +95,10 @@ def main() -> int:
             measure("int8_vision")
             run_step("export_orin", export + ["-o", orin, "--block-size", "64", "--scales", "fp16", "--head", "int8"],
                      work, log)
-            run_step("export_routed", export + ["-o", routed, "--experts", "routed"], work, log)
+            for tag, opts in portable.items():
+                run_step(f"export_{tag}", export + ["-o", os.path.join(work, f"bundle-{tag}")] + opts, work, log)
             shutil.rmtree(ck, ignore_errors=True)
-            for tag, b in (("orin", orin), ("routed", routed)):
+            for tag, b in [("orin", orin)] + [(t, os.path.join(work, f"bundle-{t}")) for t in portable]:
                 run_step(f"roofline_{tag}", py + [ROOFLINE, b], work, log)
                 run_step(f"bench_{tag}", cli + [bench[0], b] + bench[1:] + ["--reduced-crops", "0"], work, log)
     finally:

@@ -88,9 +88,11 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
     progress(f"[export] {folder}: {cfg.family}, d_model {cfg.d_model}, {cfg.n_layers} layers, "
              f"{parameter_count(cfg)['total'] / 1e9:.2f} B parameters")
     wdtype = np.float16 if dtype == "fp16" else np.float32
-    if quantizer is not None:  # fused=True: the quantized decoder in the fused graph's layout (GroupQueryAttention)
-        decoders = [(f"decoder.int{quantizer.bits}", build_decoder_fused if fused and _default_fused(cfg, True, progress)
-                     else build_decoder, quantizer)]
+    if quantizer is not None:
+        # the quantized decoder is onnxruntime's (MatMulNBits): in the fused graph's layout (GroupQueryAttention over
+        # a shared KV buffer) unless fused=False or GQA cannot run the model; measured faster for both families
+        layout_fused = _default_fused(cfg, fused is not False, progress)
+        decoders = [(f"decoder.int{quantizer.bits}", build_decoder_fused if layout_fused else build_decoder, quantizer)]
     else:
         decoders = [("decoder", build_decoder, None)]
         if _default_fused(cfg, fused, progress):

@@ -32,6 +32,7 @@ from molmo_edge.runtime.hf_names import lm_head_name
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.export.graph import GraphBuilder
+from molmo_edge.export.onnx_fused import build_decoder_fused
 
 # Largest difference, relative to max(1, largest reference value), between a graph and the torch
 # reference holding the same weights. fp32 compute: rounding-order noise only (~1e-5 measured).
@@ -250,7 +251,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                     for key in keys:
                         build, q = flavours[key]
                         path = _one_layer_graph(tmp, build, cfg, get, i, wdtype, opset, q, head=last)
-                        layout = "bnsh-shared" if key == "decoder.fused" else "bsnh-append"
+                        layout = "bnsh-shared" if build is build_decoder_fused else "bsnh-append"
                         sess = _session(path)
                         outs = sess.run(["hidden"] + (["logits"] if last else []), _layer_feeds(cfg, x.numpy(), layout))
                         del sess

@@ -69,7 +69,7 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200) -> dic
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
     keeps alive at once without its arena (fitted on a tiny bundle, whose peak varies 177-216 MiB run to run,
     and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in the ViT, 5 in the portable decoder;
-    GroupQueryAttention (decoder.fused) never materialises them."""
+    GroupQueryAttention (the fused layout: decoder.fused, `export --weights`) never materialises them."""
     v = cfg.vision
     n = cfg.preprocess.max_crops + 1
     vision = 4 * n * v.num_pos * (3 * v.width + v.mlp_dim) + 3 * 4 * n * v.heads * v.num_pos * v.num_pos
@@ -115,7 +115,7 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     """The estimate for loading `graphs` (role -> graph key) of a bundle on `device`."""
     entries = manifest["graphs"]
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
-                       activation_bytes(cfg, fused=graphs.get("decoder") == "decoder.fused"),
+                       activation_bytes(cfg, fused=entries.get(graphs.get("decoder"), {}).get("kv_layout") == "bnsh-shared"),
                        mapped=sum(mapped_file_bytes(entries[key]) for key in graphs.values()))
     for key in graphs.values():
         if entries[key].get("precision", {}).get("weights") == "fp16":

@@ -269,10 +269,21 @@ def test_bench_command_reports_every_stage(bundles):
     assert "decode" in format_table(res)
 
 
-def test_export_with_int4_weights_writes_no_float_decoder(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("family,scales", [("molmoe-1b", "fp32"), ("molmoe-1b", "fp16"), ("molmo-7b-d", "fp32")])
+def test_export_with_int4_weights_writes_no_float_decoder(tiny_checkpoints, tmp_path, family, scales):
+    """The quantized decoder is onnxruntime's: written in the fused layout (GroupQueryAttention, shared KV buffer),
+    MoE experts as one QMoE node per layer (fp16 scales: fp16 activations into it), checked layer by layer."""
+    import onnx
+
     from molmo_edge.calibration.weight_quant import make_quantizer
-    man = export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "q"), dtype="fp16", quantizer=make_quantizer(4), **QUIET)
+    man = export_bundle(tiny_checkpoints[family], str(tmp_path / "q"), dtype="fp16", quantizer=make_quantizer(4, scales=scales),
+                        **QUIET)
     assert set(man["graphs"]) == {"vision", "decoder.int4"}
+    g = man["graphs"]["decoder.int4"]
+    assert g["kv_layout"] == "bnsh-shared"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "decoder.int4.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and ("QMoE" in ops) == (family == "molmoe-1b") and "NonZero" not in ops
+    assert g["quantization"]["experts_op"] == ("com.microsoft.QMoE" if family == "molmoe-1b" else None)
     assert not os.path.exists(tmp_path / "q" / "decoder.onnx.data")
     f = man["parity"]["flavours"]["decoder.int4"]
     assert f["compute"] == "int8-activations" and f["worst_layer_max_rel_diff"] < f["tolerance"]

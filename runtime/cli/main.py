@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     fused.add_argument("--fused", dest="fused", action="store_const", const=True, default=None,
                        help="also write decoder.fused for MoE models (default: only dense models, where onnxruntime selects it)")
     fused.add_argument("--no-fused", dest="fused", action="store_const", const=False,
-                       help="skip decoder.fused (onnxruntime contrib ops); saves disk when only TensorRT will run the bundle")
+                       help="skip decoder.fused (onnxruntime contrib ops); saves disk when only TensorRT will run the bundle; "
+                            "with --weights: the quantized decoder in the portable graph's layout")
     s.add_argument("--no-trt-check", action="store_true", help="skip checking the graphs against TensorRT 10.3/10.13 op support")
     s.add_argument("--weights", choices=["int4", "int8"], default=None,
                    help="write the weight-only quantized decoder straight from the checkpoint instead of the float ones "
