@@ -136,18 +136,18 @@ class BlockQuantizer:
         """Whether a MoE layer's experts go into one QMoE node (QMoE needs both widths divisible by the block)."""
         return self.experts == "qmoe" and d_model % self.block_size == 0 and inner % self.block_size == 0
 
-    def pack_experts(self, get_in_out: Callable[[str], np.ndarray], prefix: str, n_experts: int) -> dict[str, np.ndarray]:
+    def pack_experts(self, get_in_out: Callable[[int, str], np.ndarray], n_experts: int) -> dict[str, np.ndarray]:
         """A MoE layer's experts quantized and stacked in QMoE's layout: fc1 [E, 2I, d*bits/8] holds gate_proj and
         up_proj rows interleaved (gate even, up odd: the only fused SwiGLU layout onnxruntime's CPU kernel takes),
         fc2 [E, d, I*bits/8] holds down_proj; scales [E, rows, width/block]. Rows are MatMulNBits' packing (the
         same blocks, nibbles and implicit zero point), so QMoE computes what the per-expert MatMulNBits compute.
-        get_in_out(name) returns the [in, out] weight of `prefix{e}.gate_proj.weight` etc."""
+        get_in_out(e, "gate_proj" | "up_proj" | "down_proj") returns expert e's [in, out] weight."""
         out: dict[str, np.ndarray] = {}
         for e in range(n_experts):
             parts = {}
             for nm in ("gate_proj", "up_proj", "down_proj"):
-                w = get_in_out(f"{prefix}{e}.{nm}.weight")
-                b, sc = self.quantize(np.asarray(w, np.float32), f"{prefix}{e}.{nm}.weight")
+                w = get_in_out(e, nm)
+                b, sc = self.quantize(np.asarray(w, np.float32))
                 parts[nm] = (b.reshape(w.shape[1], -1), sc.reshape(w.shape[1], -1))
             if not out:
                 (g, gs), (dn, ds) = parts["gate_proj"], parts["down_proj"]
@@ -250,6 +250,19 @@ def _moe_blocks(graph: onnx.GraphProto, inits: dict, producer: dict, resolve: Ca
     return blocks
 
 
+def _moe_ops(graph: onnx.GraphProto, inits: dict, resolve: Callable[[str], str]) -> list[dict[str, Any]]:
+    """The float onnxruntime MoE nodes of a fused decoder (export/onnx_fused.py): stacked fc1 [E, 2I, d] with gate/up
+    rows interleaved, fc2 [E, d, I]; returned in _moe_blocks' form, with the stacked weights' names."""
+    blocks = []
+    for n in graph.node:
+        if n.op_type == "MoE" and n.domain == "com.microsoft":
+            fc1, fc2 = resolve(n.input[2]), resolve(n.input[4])
+            top_k = next(a.i for a in n.attribute if a.name == "k")
+            blocks.append({"prefix": fc1[:-len("experts.fc1")], "flat": n.input[0], "logits": n.input[1], "node": n,
+                           "fc1": fc1, "fc2": fc2, "experts": int(inits[fc1].dims[0]), "top_k": top_k})
+    return blocks
+
+
 def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress: Callable[[str], None] = _say,
                    top_k: int = 0) -> dict[str, Any]:
     """Write `dst` (+ `dst`.data): the decoder at `src` with MatMulNBits for attention/FFN weights (and the LM head
@@ -268,10 +281,10 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
             return producer[b].input[0]
         return b
 
-    blocks = []
+    blocks = [b for b in _moe_ops(graph, inits, resolve) if q.packs_experts(*inits[b["fc2"]].dims[1:])]
     if top_k and q.experts == "qmoe":
-        blocks = [b for b in _moe_blocks(graph, inits, producer, resolve)
-                  if q.packs_experts(*inits[b["prefix"] + "experts.0.gate_proj.weight"].dims)]
+        blocks += [b for b in _moe_blocks(graph, inits, producer, resolve)
+                   if q.packs_experts(*inits[b["prefix"] + "experts.0.gate_proj.weight"].dims)]
     plan: dict[str, tuple[str, str]] = {}   # MatMul node name -> (weight initializer, kind)
     for node in graph.node:
         if node.op_type != "MatMul":
@@ -297,14 +310,18 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
 
     nodes: list[onnx.NodeProto] = []
     half_of: dict[str, str] = {}
-    ends = {b["end"].name: b for b in blocks}
+    ends = {(b["node"] if "node" in b else b["end"]).name: b for b in blocks}
     for node in graph.node:
-        if node.name in ends:  # the MoE block's result: QMoE over the block's input, its routed branches left dead
+        if node.name in ends:  # QMoE over the block's input: the float MoE node, or the routed branches, left dead
             b = ends[node.name]
             f = b["prefix"]
             names = {k: f"{f}experts.{k}.q{bits}" for k in ("fc1", "fc1_scales", "fc2", "fc2_scales")}
-            y = q.experts_node(node_maker(nodes, f + "experts"), b["flat"], b["logits"], names, top_k)
-            nodes.append(helper.make_node("Reshape", [y, node.input[1]], list(node.output), name=node.name))
+            make = node_maker(nodes, f + "experts")
+            y = q.experts_node(make, b["flat"], b["logits"], names, b.get("top_k", top_k))
+            if "node" in b:
+                nodes.append(helper.make_node("Identity", [y], list(node.output), name=node.name))
+            else:
+                nodes.append(helper.make_node("Reshape", [y, node.input[1]], list(node.output), name=node.name))
             counts["experts"] += 3 * b["experts"]
             continue
         if node.name not in plan:
@@ -370,12 +387,19 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
                 new_inits.append(external_tensor(t.name, t.data_type, tuple(t.dims), writer.location, offset, length))
         for b in blocks:
             f = b["prefix"]
-            packed = q.pack_experts(lambda name: _load(inits[name], folder), f + "experts.", b["experts"])
+            if "node" in b:  # stacked fc1 (gate even rows, up odd) and fc2, [out, in] per expert
+                fc1, fc2 = _load(inits[b["fc1"]], folder), _load(inits[b["fc2"]], folder)
+                rows = {"gate_proj": (fc1, slice(0, None, 2)), "up_proj": (fc1, slice(1, None, 2)), "down_proj": (fc2, slice(None))}
+                get = lambda e, nm: rows[nm][0][e, rows[nm][1]].T  # noqa: E731
+                used = (b["fc1"], b["fc2"])
+            else:
+                get = lambda e, nm: _load(inits[f"{f}experts.{e}.{nm}.weight"], folder)  # noqa: E731
+                used = tuple(n for n in inits if n.startswith(f + "experts."))
+            packed = q.pack_experts(get, b["experts"])
             for key, arr in packed.items():
                 new_inits.append(tensor_proto(writer, f"{f}experts.{key}.q{bits}", arr))
                 after += arr.nbytes
-            before += sum(int(np.prod(t.dims)) * np.dtype(_DTYPES[t.data_type]).itemsize
-                          for name, t in inits.items() if name.startswith(f + "experts."))
+            before += sum(int(np.prod(inits[n].dims)) * np.dtype(_DTYPES[inits[n].data_type]).itemsize for n in used)
             del packed
             tick()
     finally:
@@ -401,12 +425,16 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
     emb = bundle.embeddings()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, positions)
-    feeds = {"inputs_embeds": np.asarray(emb[ids], np.float32)[None],
-             "position_ids": np.arange(positions, dtype=np.int64)[None],
-             "logit_positions": np.arange(positions, dtype=np.int64)}
+    feeds = {"inputs_embeds": np.asarray(emb[ids], np.float32)[None], "logit_positions": np.arange(positions, dtype=np.int64)}
+    if bundle.manifest["graphs"][ref_key].get("kv_layout") == "bnsh-shared":  # GroupQueryAttention: a shared buffer
+        feeds.update(seqlens_k=np.array([positions - 1], np.int32), total_sequence_length=np.array(positions, np.int32))
+        past = (1, cfg.n_kv_heads, positions, cfg.head_dim)
+    else:
+        feeds["position_ids"] = np.arange(positions, dtype=np.int64)[None]
+        past = (1, 0, cfg.n_kv_heads, cfg.head_dim)
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros((1, 0, cfg.n_kv_heads, cfg.head_dim), np.float32)
+            feeds[f"past_{kind}.{i}"] = np.zeros(past, np.float32)
     if cfg.is_molmo2:  # its decoder takes the token types of the prefix mask (text here)
         feeds["token_types"] = np.zeros((1, positions), np.int64)
     opts = ort.SessionOptions()
@@ -449,12 +477,16 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     if "decoder" not in bundle.manifest["graphs"]:
         raise CalibrationError(f"{bundle_dir} has no float decoder to quantize (it was exported with --weights); "
                                "export again without --weights, or with the --weights you want")
-    base = bundle.manifest["graphs"]["decoder"]
+    # the fused decoder's layout (GroupQueryAttention, shared KV buffer) decodes faster on onnxruntime: quantize
+    # it when the bundle has one (dense models by default), unless its MoE experts are to stay routed branches
+    source = "decoder.fused" if "decoder.fused" in bundle.manifest["graphs"] and not (
+        bundle.config.is_moe and experts == "routed") else "decoder"
+    base = bundle.manifest["graphs"][source]
     t0 = time.perf_counter()
     progress(f"[quantize] {bundle_dir}: decoder weights -> int{bits}, block {block_size}, symmetric (MatMulNBits) ...")
     with staging(bundle_dir, f"int{bits}") as stage:
         cfg = bundle.config
-        summary = quantize_graph(bundle.graph_path("decoder"), os.path.join(stage, fname), q, lm_head_name(cfg), progress,
+        summary = quantize_graph(bundle.graph_path(source), os.path.join(stage, fname), q, lm_head_name(cfg), progress,
                                  top_k=cfg.moe_top_k if cfg.is_moe else 0)
         entry = {k: base[k] for k in ("opset", "inputs", "outputs", "dynamic_axes", "kv_layout") if k in base}
         entry.update({
@@ -472,7 +504,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
                              "kept_float": ["MoE router (mlp.gate)"] + ([] if head != "float" else ["lm_head"]) + ["norms"],
                              "weight_bytes_before": summary["weight_bytes_before"],
                              "weight_bytes_after": summary["weight_bytes_after"],
-                             "source_graph": "decoder",
+                             "source_graph": source,
                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
         })
         if check:
@@ -480,7 +512,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
             if need * 1.5 < 0.7 * mem_available(4 << 30):
                 staged = dict(bundle.manifest, graphs=dict(bundle.manifest["graphs"]))
                 staged["graphs"][key] = dict(entry, file=os.path.relpath(os.path.join(stage, fname), bundle_dir))
-                entry["check"] = _check(Bundle(bundle.folder, staged, bundle.config), key, "decoder")
+                entry["check"] = _check(Bundle(bundle.folder, staged, bundle.config), key, source)
                 c = entry["check"]
                 progress(f"[quantize] logits vs fp32 decoder on {c['positions']} positions: cosine {c['logit_cosine']:.5f}, "
                          f"argmax agreement {c['argmax_agreement']:.0%}")

@@ -135,7 +135,7 @@ def _moe(g: GraphBuilder, cfg: MolmoConfig, h: str, get: Get, f: str) -> str:
     q = g.quantizer
     if q is not None and q.wants(f + "experts.0.gate_proj.weight") and q.packs_experts(d, cfg.ffn_inner):
         # weight-only quantized decoders (onnxruntime-only already): the layer's experts in one QMoE node
-        packed = q.pack_experts(lambda name: get(name).T, f + "experts.", cfg.moe_num_experts)
+        packed = q.pack_experts(lambda e, nm: get(f"{f}experts.{e}.{nm}.weight").T, cfg.moe_num_experts)
         names = {k: g.raw(f"{f}experts.{k}.q{q.bits}", v) for k, v in packed.items()}
         del packed
         g.quantized += [f"{f}experts.{e}.{m}.weight" for e in range(cfg.moe_num_experts) for m in ("gate_proj", "up_proj", "down_proj")]

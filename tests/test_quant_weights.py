@@ -205,3 +205,26 @@ def test_wide_weights_are_quantized_a_column_slice_at_a_time_with_the_same_resul
     monkeypatch.setattr(wq, "QUANT_COLUMNS", 96)  # 11 slices, the last one short
     sliced = quantize_blockwise(w, bits, block)
     assert np.array_equal(whole[0], sliced[0]) and np.array_equal(whole[1], sliced[1])
+
+
+def test_quantize_takes_the_fused_decoder_when_the_bundle_has_one(tiny_checkpoints, tmp_path):
+    """A bundle with decoder.fused (dense models by default, MoE with --fused) gets its INT4 decoder from it: the
+    GroupQueryAttention layout, the float MoE node rewritten as QMoE. Same weights, same logits as the INT4 decoder
+    quantize makes from the portable graph (fp32 compute)."""
+    b = str(tmp_path / "m")
+    export_bundle(tiny_checkpoints["molmoe-1b"], b, fused=True, **QUIET)
+    portable = str(tmp_path / "p")
+    shutil.copytree(b, portable)
+    fused_entry = quantize_decoder_weights(b, 4, 32, accuracy_level=0, **QUIET)
+    assert fused_entry["kv_layout"] == "bnsh-shared" and fused_entry["quantization"]["source_graph"] == "decoder.fused"
+    assert fused_entry["quantization"]["experts_op"] == "com.microsoft.QMoE"
+    ops = [n.op_type for n in onnx.load(os.path.join(b, "decoder.int4.onnx"), load_external_data=False).graph.node]
+    assert "MoE" not in ops and ops.count("QMoE") == load_bundle(b).config.n_layers
+    assert fused_entry["check"]["logit_cosine"] > 0.95
+    routed = quantize_decoder_weights(portable, 4, 32, accuracy_level=0, experts="routed", **QUIET)
+    assert routed["quantization"]["source_graph"] == "decoder" and "kv_layout" not in routed
+    img = np.full((200, 300, 3), 128, np.uint8)
+    a, c = Molmo.load(b, precision="int4"), Molmo.load(portable, precision="int4")
+    assert a.cache.layout == "bnsh" and c.cache.layout == "bsnh"
+    inputs = a.processor.process("Count the boxes.", img)
+    assert np.abs(a.forward(inputs)["logits"] - c.forward(inputs)["logits"]).max() < 1e-3
