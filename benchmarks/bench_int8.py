@@ -116,10 +116,10 @@ def run(bundle_dir: str, runs: int, prefill: int, decode: int, threads: int | No
         for key, b in dec.items():
             cache = b.new_cache(prefill + decode + 1)
             pos = np.arange(prefill, dtype=np.int64)[None]
-            t_pre = _time(b.decode, x_prefill, pos, cache, np.array([prefill - 1], np.int64))
+            t_pre = _time(b.run_decoder, x_prefill, pos, cache, np.array([prefill - 1], np.int64))
             steps = []
             for i in range(decode):
-                steps.append(_time(b.decode, x_step, np.array([[prefill + i]], np.int64), cache, np.zeros(1, np.int64)))
+                steps.append(_time(b.run_decoder, x_step, np.array([[prefill + i]], np.int64), cache, np.zeros(1, np.int64)))
             if r:
                 add(f"{key}: prefill {prefill} tokens (ms)", t_pre)
                 add(f"{key}: decode step (ms)", statistics.median(steps))
