@@ -34,9 +34,16 @@ def model(pointing_bundle):  # noqa: F811
     return Molmo.load(pointing_bundle)
 
 
+def _ctrl_c_works() -> None:
+    # a test run started in the background of a non-interactive shell (`.ci/run &`) ignores SIGINT, and a child
+    # Python then never turns Ctrl-C into KeyboardInterrupt: the watch command is started as a terminal would
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "molmo_edge.runtime.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_ctrl_c_works, **kw)
 
 
 def test_every_frame_of_a_video_two_prompts_one_vision_pass(model, tmp_path):
