@@ -91,7 +91,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
     if quantizer is not None:
         # the quantized decoder is onnxruntime's (MatMulNBits): in the fused graph's layout (GroupQueryAttention over
         # a shared KV buffer) unless fused=False or GQA cannot run the model; measured faster at full size for MolmoE-1B
-        # INT4 (benchmarks/RESULTS.md) and for dense float decoders; dense INT4 in this layout: tiny bundles only so far
+        # INT4 and at full width for Molmo-7B-D INT4 (2 layers; benchmarks/RESULTS.md)
         layout_fused = _default_fused(cfg, fused is not False, progress)
         decoders = [(f"decoder.int{quantizer.bits}", build_decoder_fused if layout_fused else build_decoder, quantizer)]
     else:
