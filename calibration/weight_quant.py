@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
+from molmo_edge.runtime.kv_cache import first_pass_feeds
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.calibration import CalibrationError
@@ -297,7 +298,8 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
     if not plan:
         raise CalibrationError(f"{os.path.basename(src)} has no attention, FFN or expert MatMul weights to quantize; "
                                "is it a molmo-edge decoder graph?")
-    width = {w: q.head_bits if kind == "head" else bits for w, kind in plan.values()}
+    qname = {w: "lm_head.weight" if kind == "head" else w for w, kind in plan.values()}  # the quantizer's name for the head
+    width = {w: q.bits_for(n) for w, n in qname.items()}
     counts = {"attention": 0, "ffn": 0, "experts": 0, "head": 0}
     fresh = iter(range(1 << 30))
 
@@ -355,7 +357,8 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
     writer = ExternalDataWriter(dst + ".data")
     new_inits: list[onnx.TensorProto] = []
     before = after = 0
-    todo = sum(1 for t in graph.initializer if f"{t.name}.q{width.get(t.name, 0)}" in live) + len(blocks)
+    singles = {t.name for t in graph.initializer if f"{t.name}.q{width.get(t.name, 0)}" in live}  # quantized one by one
+    todo = len(singles) + len(blocks)
     done, t0 = 0, time.perf_counter()
 
     def tick() -> None:
@@ -366,10 +369,9 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
 
     try:
         for t in graph.initializer:
-            if f"{t.name}.q{width.get(t.name, 0)}" in live:
+            if t.name in singles:
                 w = _load(t, folder)
-                b, sc = quantize_blockwise(np.asarray(w, np.float32), width[t.name], block_size)
-                sc = sc.astype(np.float16) if q.scales == "fp16" else sc
+                b, sc = q.quantize(np.asarray(w, np.float32), qname[t.name])
                 new_inits += [tensor_proto(writer, f"{t.name}.q{width[t.name]}", b),
                               tensor_proto(writer, f"{t.name}.q{width[t.name]}_scales", sc)]
                 before += int(np.prod(t.dims)) * np.dtype(_DTYPES[t.data_type]).itemsize
@@ -415,7 +417,7 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
     model.ir_version = min(model.ir_version, 10)
     onnx.save_model(model, dst)
     return {"layers": counts, "weight_bytes_before": before, "weight_bytes_after": after, "nodes": len(kept),
-            "weight_bytes_by_dtype": dict(writer.bytes_by_dtype), "experts_op": "QMoE" if blocks else None}
+            "weight_bytes_by_dtype": dict(writer.bytes_by_dtype), "experts_op": "com.microsoft.QMoE" if blocks else None}
 
 
 def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]:
@@ -425,16 +427,8 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
     emb = bundle.embeddings()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, positions)
-    feeds = {"inputs_embeds": np.asarray(emb[ids], np.float32)[None], "logit_positions": np.arange(positions, dtype=np.int64)}
-    if bundle.manifest["graphs"][ref_key].get("kv_layout") == "bnsh-shared":  # GroupQueryAttention: a shared buffer
-        feeds.update(seqlens_k=np.array([positions - 1], np.int32), total_sequence_length=np.array(positions, np.int32))
-        past = (1, cfg.n_kv_heads, positions, cfg.head_dim)
-    else:
-        feeds["position_ids"] = np.arange(positions, dtype=np.int64)[None]
-        past = (1, 0, cfg.n_kv_heads, cfg.head_dim)
-    for i in range(cfg.n_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros(past, np.float32)
+    layout = bundle.manifest["graphs"][ref_key].get("kv_layout", "bsnh-append")  # the source's, which the new one keeps
+    feeds = first_pass_feeds(np.asarray(emb[ids], np.float32)[None], layout, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
     if cfg.is_molmo2:  # its decoder takes the token types of the prefix mask (text here)
         feeds["token_types"] = np.zeros((1, positions), np.int64)
     opts = ort.SessionOptions()
@@ -464,7 +458,8 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     head: "float" (default), "int8" or "int4": the LM head's storage (the check then includes its cost);
     scales: fp32 (default) or fp16 (half the scale bytes; fp16 activations into each MatMulNBits).
     experts (MoE models): "qmoe" (default; one onnxruntime QMoE node per layer) or "routed" (a MatMulNBits per
-    expert matmul in the portable graph's routed branches: 23,874 nodes at MolmoE-1B's size against 1,530).
+    expert matmul in the portable graph's routed branches: MolmoE-1B's INT4 decoder has 23,874 nodes that way, 515 with
+    QMoE in the fused layout).
     Atomic: an interrupted run leaves the bundle as it was. Returns the new manifest entry.
     """
     from molmo_edge.runtime.bundle import Bundle, load_bundle
@@ -499,7 +494,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
             "nodes": summary["nodes"],
             "weight_bytes_by_dtype": summary["weight_bytes_by_dtype"],
             "quantization": {"op": "com.microsoft.MatMulNBits", "bits": bits, "block_size": block_size,
-                             "experts_op": summary["experts_op"] and "com.microsoft.QMoE",
+                             "experts_op": summary["experts_op"],
                              "quantized": summary["layers"], "scales": scales, "head": head,
                              "kept_float": ["MoE router (mlp.gate)"] + ([] if head != "float" else ["lm_head"]) + ["norms"],
                              "weight_bytes_before": summary["weight_bytes_before"],

@@ -29,6 +29,7 @@ import numpy as np
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.files import Progress
 from molmo_edge.runtime.hf_names import lm_head_name
+from molmo_edge.runtime.kv_cache import first_pass_feeds
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.export.graph import GraphBuilder
@@ -112,21 +113,6 @@ def _session(path: str):
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False  # as the runtime (backends/ort.py): activations freed after each run
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def _layer_feeds(cfg, x: np.ndarray, kv_layout: str) -> dict[str, np.ndarray]:
-    t = x.shape[1]
-    feeds = {"inputs_embeds": x.astype(np.float32), "logit_positions": np.arange(t, dtype=np.int64)}
-    if kv_layout == "bnsh-shared":
-        feeds["seqlens_k"] = np.array([t - 1], np.int32)
-        feeds["total_sequence_length"] = np.array(t, np.int32)
-        for kind in ("key", "value"):
-            feeds[f"past_{kind}.0"] = np.zeros((1, cfg.n_kv_heads, cfg.max_sequence_length, cfg.head_dim), np.float32)
-    else:
-        feeds["position_ids"] = np.arange(t, dtype=np.int64)[None]
-        for kind in ("key", "value"):
-            feeds[f"past_{kind}.0"] = np.zeros((1, 0, cfg.n_kv_heads, cfg.head_dim), np.float32)
-    return feeds
 
 
 def _one_layer_graph(folder: str, build, cfg, get, i: int, wdtype, opset: int, quantizer, head: bool) -> str:
@@ -253,7 +239,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                         path = _one_layer_graph(tmp, build, cfg, get, i, wdtype, opset, q, head=last)
                         layout = "bnsh-shared" if build is build_decoder_fused else "bsnh-append"
                         sess = _session(path)
-                        outs = sess.run(["hidden"] + (["logits"] if last else []), _layer_feeds(cfg, x.numpy(), layout))
+                        outs = sess.run(["hidden"] + (["logits"] if last else []), first_pass_feeds(x.numpy(), layout, 1, cfg.n_kv_heads, cfg.head_dim))
                         del sess
                         for f in os.listdir(tmp):
                             os.remove(os.path.join(tmp, f))

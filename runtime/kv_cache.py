@@ -43,3 +43,21 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget everything after `length` (e.g. back to a cached image prefix); nothing is copied."""
         self.length = min(self.length, length)
+
+
+def first_pass_feeds(embeds: np.ndarray, kv_layout: str, n_layers: int, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+    """A decoder graph's inputs for one pass over `embeds` [1, T, d] from an empty cache, logits at every
+    position, in either KV layout ("bsnh-append": empty past tensors; "bnsh-shared": a T-long shared buffer per
+    layer, lengths for GroupQueryAttention). For the checks that run a graph directly, without a backend."""
+    t = embeds.shape[1]
+    feeds = {"inputs_embeds": np.asarray(embeds, np.float32), "logit_positions": np.arange(t, dtype=np.int64)}
+    if kv_layout == "bnsh-shared":
+        feeds.update(seqlens_k=np.array([t - 1], np.int32), total_sequence_length=np.array(t, np.int32))
+        past = (1, kv_heads, t, head_dim)
+    else:
+        feeds["position_ids"] = np.arange(t, dtype=np.int64)[None]
+        past = (1, 0, kv_heads, head_dim)
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{i}"] = np.zeros(past, np.float32)
+    return feeds
