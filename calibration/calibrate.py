@@ -51,11 +51,9 @@ def _graph_entry(base: dict[str, Any], folder: str, file: str, extra: dict[str, 
 
 def _vision_session(path: str, threads: int | None = None):
     import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+
+    from molmo_edge.runtime.backends.ort import session_options
+    opts = session_options(threads)
     try:
         return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types
