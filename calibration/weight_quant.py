@@ -108,7 +108,7 @@ class BlockQuantizer:
     bits: int = 4
     block_size: int = 32
     accuracy_level: int = 4
-    head_bits: int = 0          # 0: float LM head; 8 or 4: MatMulNBits at that width
+    head_bits: int = 8          # 0: float LM head; 8 or 4: MatMulNBits at that width (DEFAULT_HEAD)
     scales: str = "fp32"
     experts: str = "qmoe"       # qmoe: one onnxruntime QMoE node per MoE layer; routed: a MatMulNBits per expert matmul
 
@@ -178,12 +178,17 @@ class BlockQuantizer:
 
 
 HEAD_CHOICES = {"float": 0, "int8": 8, "int4": 4}
+# int8 by default: on CPU the float head is the largest single read of a decode step (MolmoE-1B: 412 MB held as
+# float32, 29 of 40 ms of a 2-layer step on the AMD CPU box; 116 MB and ~8.5 ms as int8) while its accuracy cost is
+# small beside the INT4 body's (argmax agreement against the float head 98.2-98.8 %, largest logit error 0.04-0.07,
+# benchmarks/RESULTS.md); int4 costs much more (76 %). The CLI's --head default repeats this (it may not import onnx).
+DEFAULT_HEAD = "int8"
 
 
 EXPERT_CHOICES = ("qmoe", "routed")
 
 
-def make_quantizer(bits: int, block_size: int = 32, accuracy_level: int | None = None, head: str = "float",
+def make_quantizer(bits: int, block_size: int = 32, accuracy_level: int | None = None, head: str = DEFAULT_HEAD,
                    scales: str = "fp32", experts: str = "qmoe") -> BlockQuantizer:
     """A checked BlockQuantizer (one-line errors for unsupported settings). head: float, int8 or int4;
     experts: qmoe (one QMoE node per MoE layer) or routed (a MatMulNBits per expert matmul)."""
@@ -445,7 +450,7 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
 
 
 def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, progress: Callable[[str], None] = _say,
-                             accuracy_level: int | None = None, check: bool = True, head: str = "float",
+                             accuracy_level: int | None = None, check: bool = True, head: str = DEFAULT_HEAD,
                              scales: str = "fp32", experts: str = "qmoe") -> dict[str, Any]:
     """Add the weight-only quantized decoder flavour "decoder.int{bits}" to an existing bundle.
 
@@ -455,7 +460,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     made INT4 decode 2.2x faster than level 0 with the same logits cosine (0.9972 vs 0.9973), and
     8-bit weights have no fast level-0 kernel at all (benchmarks/results/int8.md).
     check: compare logits with the fp32 decoder on 8 positions when both fit in memory.
-    head: "float" (default), "int8" or "int4": the LM head's storage (the check then includes its cost);
+    head: "int8" (default), "float" or "int4": the LM head's storage (the check then includes its cost);
     scales: fp32 (default) or fp16 (half the scale bytes; fp16 activations into each MatMulNBits).
     experts (MoE models): "qmoe" (default; one onnxruntime QMoE node per layer) or "routed" (a MatMulNBits per
     expert matmul in the portable graph's routed branches: MolmoE-1B's INT4 decoder has 23,874 nodes that way, 515 with

@@ -88,7 +88,8 @@ def _decoder_feeds(bundle, t=6):
 def test_decoder_flavour_equals_float_decoder_with_dequantized_weights(bundles, family, experts, tmp_path):
     b = str(tmp_path / "b")
     shutil.copytree(bundles[family], b)
-    entry = quantize_decoder_weights(b, 4, 32, accuracy_level=0, experts=experts, **QUIET)  # fp32 compute: exact parity below
+    entry = quantize_decoder_weights(b, 4, 32, accuracy_level=0, head="float", experts=experts,
+                                     **QUIET)  # fp32 compute, float head: exact parity below
     bundle = load_bundle(b)
     cfg = bundle.config
     g = bundle.manifest["graphs"]["decoder.int4"]
