@@ -229,6 +229,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
             get = _numpy_getter(source)
             worst = {k: (0.0, -1) for k in keys}
             per_layer = {k: [] for k in keys}
+            head_graph = {}  # key -> the last one-layer graph's logits (each flavour's own head)
             with torch.no_grad():
                 x = torch.from_numpy(x0_held)
                 for i in range(cfg.n_layers):
@@ -239,7 +240,10 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                         path = _one_layer_graph(tmp, build, cfg, get, i, wdtype, opset, q, head=last)
                         layout = "bnsh-shared" if build is build_decoder_fused else "bsnh-append"
                         sess = _session(path)
-                        outs = sess.run(["hidden"] + (["logits"] if last else []), first_pass_feeds(x.numpy(), layout, 1, cfg.n_kv_heads, cfg.head_dim))
+                        kv = next(np.float16 if v.type == "tensor(float16)" else np.float32
+                                  for v in sess.get_inputs() if v.name == "past_key.0")
+                        outs = sess.run(["hidden"] + (["logits"] if last else []),
+                                        first_pass_feeds(x.numpy(), layout, 1, cfg.n_kv_heads, cfg.head_dim, kv))
                         del sess
                         for f in os.listdir(tmp):
                             os.remove(os.path.join(tmp, f))
@@ -248,7 +252,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                         if not np.isfinite(err) or err >= worst[key][0]:
                             worst[key] = (err if np.isfinite(err) else float("inf"), i)
                         if last:
-                            head_graph = outs[1][0]
+                            head_graph[key] = outs[1][0]
                     x = y
                 logits_held = head(held, x)
                 head_cost = None
@@ -259,7 +263,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
             for key in keys:
                 compute = "int8-activations" if quantizer is not None and quantizer.accuracy_level == 4 else "float"
                 tol = GRAPH_TOLERANCE[compute]
-                herr = _rel(head_graph, logits_held[:, :head_graph.shape[-1]])
+                herr = _rel(head_graph[key], logits_held[:, :head_graph[key].shape[-1]])
                 w_err, w_layer = worst[key]
                 entry = {"worst_layer": w_layer, "worst_layer_max_rel_diff": w_err, "per_layer_max_rel_diff": per_layer[key],
                          "head_max_rel_diff": herr, "tolerance": tol, "compute": compute,

@@ -8,6 +8,11 @@ written with onnxruntime's contrib ops (com.microsoft) where they pay on CPU:
   gate/up rows interleaved in fc1 as the CPU kernel requires (gate even rows, up odd rows);
 - SkipSimplifiedLayerNormalization: residual add fused with the next RMSNorm (pre-norm families).
 
+KV cache dtype (kv_dtype): float16 when the graph's weights are fp16 or quantized (then q, k, v are cast to
+fp16 and GQA computes in fp16, RoPE tables included: onnxruntime's GQA takes a cache of its activations' type,
+or int8/uint8), float32 for an fp32 export (the exact reference). Half the KV memory: MolmoE-1B at 4096 tokens
+0.54 GB instead of 1.07 GB.
+
 QK-norm stays a full-width RMSNorm before GQA (GQA's q/k norm inputs are per head, which is not
 Molmo's). Inputs: inputs_embeds, logit_positions, seqlens_k [B] int32 (= total length - 1),
 total_sequence_length (int32 scalar), past_key.i / past_value.i; outputs: logits, present_key.i /
@@ -35,6 +40,11 @@ def rope_cache(cfg: MolmoConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
+def kv_dtype(g: GraphBuilder) -> np.dtype:
+    """The KV cache dtype the fused decoder this builder writes declares (module docstring)."""
+    return np.dtype(np.float16 if g.weight_dtype == np.float16 or g.quantizer is not None else np.float32)
+
+
 def _skip_norm(g: GraphBuilder, y: str, x: str, w: np.ndarray, eps: float, name: str) -> tuple[str, str]:
     """(RMSNorm(x + y) * w, x + y) in one op."""
     out = g.op("SkipSimplifiedLayerNormalization", [y, x, g.weight(name + ".weight", w)], n_out=4, domain=MS, epsilon=eps,
@@ -50,8 +60,11 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: boo
     logit_pos = g.input("logit_positions", TensorProto.INT64, ["n_logits"])
     seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
+    kvt = kv_dtype(g)
+    half = kvt == np.float16
+    kv_elem = TensorProto.FLOAT16 if half else F32
     cos, sin = rope_cache(cfg, max_seq)
-    cos_c, sin_c = g.const(cos, np.float32), g.const(sin, np.float32)  # kept fp32 whatever the weight dtype
+    cos_c, sin_c = g.const(cos, kvt), g.const(sin, kvt)  # GQA's activation type
     pre_norm = not cfg.norm_after
 
     def norm_weight(i: int, which: str) -> tuple[str, np.ndarray]:
@@ -74,14 +87,18 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: boo
         if cfg.qk_norm:
             q = g.rms_norm(q, get(a + "q_norm.weight"), cfg.norm_eps, a + "q_norm")
             k = g.rms_norm(k, get(a + "k_norm.weight"), cfg.norm_eps, a + "k_norm")
-        pk = g.input(f"past_key.{i}", F32, ["batch", nkv, "max_seq", hd])
-        pv = g.input(f"past_value.{i}", F32, ["batch", nkv, "max_seq", hd])
+        pk = g.input(f"past_key.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
+        pv = g.input(f"past_value.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
+        if half:
+            q, k, v = (g.op("Cast", [t], to=TensorProto.FLOAT16) for t in (q, k, v))
         # present_* are graph outputs directly (no Identity copy of the whole buffer)
         att = g.op("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total, cos_c, sin_c], domain=MS,
                    outputs=[f"gqa_{i}", f"present_key.{i}", f"present_value.{i}"],
                    num_heads=nh, kv_num_heads=nkv, scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=0)[0]
-        g.declare_output(f"present_key.{i}", F32, ["batch", nkv, "max_seq", hd])
-        g.declare_output(f"present_value.{i}", F32, ["batch", nkv, "max_seq", hd])
+        if half:
+            att = g.op("Cast", [att], to=F32)
+        g.declare_output(f"present_key.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
+        g.declare_output(f"present_value.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
         att = g.linear(att, get(a + "attn_out.weight"), None, a + "attn_out")
         if pre_norm:
             name, w = norm_weight(i, "ff")

@@ -45,10 +45,20 @@ class KVCache:
         self.length = min(self.length, length)
 
 
-def first_pass_feeds(embeds: np.ndarray, kv_layout: str, n_layers: int, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+def kv_dtype(entry: dict) -> np.dtype:
+    """The KV cache dtype a decoder's manifest entry declares (its past_key.0 input; fp16 in the fused layout of
+    fp16 and quantized exports, export/onnx_fused.py), float32 when the entry does not say."""
+    for v in entry.get("inputs", []):
+        if v["name"] == "past_key.0":
+            return np.dtype(v.get("dtype", "float32"))
+    return np.dtype(np.float32)
+
+
+def first_pass_feeds(embeds: np.ndarray, kv_layout: str, n_layers: int, kv_heads: int, head_dim: int,
+                     kv: np.dtype = np.float32) -> dict[str, np.ndarray]:
     """A decoder graph's inputs for one pass over `embeds` [1, T, d] from an empty cache, logits at every
     position, in either KV layout ("bsnh-append": empty past tensors; "bnsh-shared": a T-long shared buffer per
-    layer, lengths for GroupQueryAttention). For the checks that run a graph directly, without a backend."""
+    layer, lengths for GroupQueryAttention; kv: its dtype). For the checks that run a graph directly, without a backend."""
     t = embeds.shape[1]
     feeds = {"inputs_embeds": np.asarray(embeds, np.float32), "logit_positions": np.arange(t, dtype=np.int64)}
     if kv_layout == "bnsh-shared":
@@ -59,5 +69,5 @@ def first_pass_feeds(embeds: np.ndarray, kv_layout: str, n_layers: int, kv_heads
         past = (1, 0, kv_heads, head_dim)
     for i in range(n_layers):
         for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros(past, np.float32)
+            feeds[f"past_{kind}.{i}"] = np.zeros(past, kv)
     return feeds

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from molmo_edge.runtime.errors import MolmoEdgeError
+from molmo_edge.runtime.kv_cache import kv_dtype
 
 GiB = 2 ** 30
 # Peak RSS of a Python process with the runtime, onnxruntime, tokenizer and numpy loaded and a tiny bundle
@@ -64,19 +65,20 @@ def _prompt_tokens(cfg) -> int:
     return round(0.62 * (cfg.preprocess.max_crops + 1) * cfg.tokens_per_crop) + 64
 
 
-def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200) -> dict[str, int]:
+def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_item: int = 4) -> dict[str, int]:
     """Peak working memory of a question at the default crops: vision, prefill, and the KV cache it fills.
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
     keeps alive at once without its arena (fitted on a tiny bundle, whose peak varies 177-216 MiB run to run,
     and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in the ViT, 5 in the portable decoder;
-    GroupQueryAttention (the fused layout: decoder.fused, `export --weights`) never materialises them."""
+    GroupQueryAttention (the fused layout: decoder.fused, `export --weights`) never materialises them.
+    kv_item: bytes per cached K/V value (2 for the fp16 cache of fused fp16 and quantized decoders)."""
     v = cfg.vision
     n = cfg.preprocess.max_crops + 1
     vision = 4 * n * v.num_pos * (3 * v.width + v.mlp_dim) + 3 * 4 * n * v.heads * v.num_pos * v.num_pos
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
     prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 5 * 4 * cfg.n_heads * t * t)
-    kv = 2 * cfg.n_layers * (t + max_new_tokens) * cfg.kv_dim * 4
+    kv = 2 * cfg.n_layers * (t + max_new_tokens) * cfg.kv_dim * kv_item
     return {"vision": int(vision), "prefill": int(prefill), "kv_cache": int(kv)}
 
 
@@ -114,8 +116,9 @@ class LoadEstimate:
 def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device: str = "cpu") -> LoadEstimate:
     """The estimate for loading `graphs` (role -> graph key) of a bundle on `device`."""
     entries = manifest["graphs"]
+    dec = entries.get(graphs.get("decoder"), {})
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
-                       activation_bytes(cfg, fused=entries.get(graphs.get("decoder"), {}).get("kv_layout") == "bnsh-shared"),
+                       activation_bytes(cfg, fused=dec.get("kv_layout") == "bnsh-shared", kv_item=kv_dtype(dec).itemsize),
                        mapped=sum(mapped_file_bytes(entries[key]) for key in graphs.values()))
     for key in graphs.values():
         if entries[key].get("precision", {}).get("weights") == "fp16":

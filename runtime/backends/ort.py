@@ -8,7 +8,7 @@ import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_graphs
 from molmo_edge.runtime.deps import require
-from molmo_edge.runtime.kv_cache import KVCache
+from molmo_edge.runtime.kv_cache import KVCache, kv_dtype
 
 
 def default_providers() -> list[str]:
@@ -69,7 +69,9 @@ class OrtBackend:
                 raise BundleError(f"{os.path.basename(path)} cannot be loaded by onnxruntime ({first}); the file is "
                                   "damaged or from another version: re-export the bundle") from None
         self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["decoder"].get_providers() else "cpu"
-        self.kv_layout = bundle.manifest["graphs"][self.graphs["decoder"]].get("kv_layout", "bsnh-append")
+        entry = bundle.manifest["graphs"][self.graphs["decoder"]]
+        self.kv_layout = entry.get("kv_layout", "bsnh-append")
+        self.kv_dtype = kv_dtype(entry)
         # CUDA/TensorRT provider: KV cache and step I/O in device memory (ort_device.py); device_io=True forces
         # that path on any provider, False keeps the host path
         from molmo_edge.runtime.backends.ort_device import device_decoder
@@ -92,7 +94,8 @@ class OrtBackend:
         n = min(max_len or c.max_sequence_length, c.max_sequence_length)  # RoPE tables cover max_sequence_length
         if self.device_io is not None:
             return self.device_io.new_cache(n)
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, self.kv_dtype,
+                       layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray,
                     token_types: np.ndarray | None = None) -> np.ndarray:
@@ -120,8 +123,8 @@ class OrtBackend:
             io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
             for i in range(self.cfg.n_layers):
                 for kind, buf in (("key", cache.keys[i]), ("value", cache.values[i])):
-                    io.bind_input(f"past_{kind}.{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-                    io.bind_output(f"present_{kind}.{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+                    io.bind_input(f"past_{kind}.{i}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                    io.bind_output(f"present_{kind}.{i}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
             io.bind_output("logits", "cpu")
             sess.run_with_iobinding(io)
             cache.length += t

@@ -20,6 +20,7 @@ from molmo_edge.runtime.device.targets import DeviceSpec
 from molmo_edge.runtime.backends.trt_engines import (DEFAULT_MAX_EXTEND, DEFAULT_MAX_LOGITS, decoder_profiles, profile_max, typical_prefill)
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.hf_names import block_weight_shapes, llm_weight_shapes, vision_weight_shapes
+from molmo_edge.runtime.kv_cache import kv_dtype
 from molmo_edge.runtime.files import numel
 
 GiB = 2 ** 30
@@ -45,7 +46,7 @@ def runnable(precision: str) -> bool:
     parts = PART_BACKENDS[precision]
     return parts["vision"] == parts["decoder"]
 ACT_BYTES = 2       # fp16 activations inside the engines
-KV_BYTES = 4        # the decoder graph's K/V I/O is float32
+KV_BYTES = 4        # the K/V I/O of the portable decoder and its engines is float32 (a bundle's graph may say fp16)
 INT4_BLOCK = 32     # weight-only INT4: one fp16 scale per 32 weights
 
 
@@ -178,6 +179,12 @@ def bundle_graph(manifest: dict[str, Any] | None, part: str, precision: str) -> 
     return key if key in graphs else None
 
 
+def kv_bytes(manifest: dict[str, Any] | None, precision: str) -> int:
+    """Bytes per cached K/V value: what the bundle's decoder for that precision declares, else KV_BYTES."""
+    key = bundle_graph(manifest, "decoder", precision)
+    return kv_dtype(manifest["graphs"][key]).itemsize if key else KV_BYTES
+
+
 def part_bytes(cfg: MolmoConfig, s: PlanSettings, part: str, manifest: dict[str, Any] | None = None) -> tuple[int, str]:
     """(bytes, where the figure comes from) of one part's weights as they will be held. Parts onnxruntime runs:
     the bundle's own graph file when it has it (float weights held as float32, runtime/memory.py). TensorRT
@@ -199,11 +206,12 @@ def memory(cfg: MolmoConfig, s: PlanSettings, dev: DeviceSpec,
     act = activation_bytes(cfg, s)
     vbytes, _ = part_bytes(cfg, s, "vision", manifest)
     dbytes, _ = part_bytes(cfg, s, "decoder", manifest)
+    kvb = kv_bytes(manifest, s.precision)
     vlabel = "float" if bundle_graph(manifest, "vision", s.precision) == "vision" and vp == "int8" else vp
     items = {
         f"vision weights ({vlabel})": vbytes,
         f"decoder weights ({dp})": dbytes,
-        f"KV cache ({s.max_seq} tokens, fp32)": 2 * cfg.n_layers * s.max_seq * cfg.kv_dim * KV_BYTES,
+        f"KV cache ({s.max_seq} tokens, fp{8 * kvb})": 2 * cfg.n_layers * s.max_seq * cfg.kv_dim * kvb,
         f"vision activations ({s.max_crops + 1} crops)": act["vision"],
         "decoder activations (largest profile)": act["decoder"],
         "I/O buffers": io_bytes(cfg, s),
