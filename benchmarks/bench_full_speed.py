@@ -8,12 +8,13 @@ int4 --no-check`: the export's self-check is measured by bench_full_scale.py), t
 the roofline of one decode step, `bench` with the fp32 (fp16-stored) vision, the first answer to a new 640x480
 frame at the default crops and at --max-crops 2, `calibrate` (INT8 vision from 16 generated frames; --min-cosine 0.9, since random weights are not a trained ViT), `bench`
 and the first answers again with the INT8 vision, then the Orin-size INT4 decoder (block 64, fp16 scales,
-int8 head) exported the same way, its roofline and `bench`; for the side by side, the INT4 decoder in the
-portable layout with the experts as routed MatMulNBits branches (`--no-fused --experts routed`, the default before
-QMoE) and in the portable layout with QMoE (`--no-fused`, what `quantize` makes of a float bundle), each with
-its roofline and `bench`. --after PID waits for another process (a run
+int8 head) exported the same way, its roofline and `bench`; for the side by side, the default decoder with the
+float LM head (`--head float`, the default before the int8 head), the INT4 decoder in the portable layout with the
+experts as routed MatMulNBits branches and a float head (`--no-fused --experts routed --head float`, the default
+before QMoE) and in the portable layout with QMoE (`--no-fused`, what `quantize` makes of a float bundle), each
+with its roofline and `bench`. --after PID waits for another process (a run
 sharing this machine) to end before the timed steps, so the preparation can overlap it.
-Free disk needed: about 36 GiB. Results: benchmarks/results/full_speed_molmoe-1b.jsonl.
+Free disk needed: about 40 GiB. Results: benchmarks/results/full_speed_molmoe-1b.jsonl.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_full_scale import ROOFLINE, du, finish, run_step  # noqa: E402
 
 GiB = 2 ** 30
-NEEDS_GIB = 36
+NEEDS_GIB = 40
 
 
 def main() -> int:
@@ -52,7 +53,9 @@ def main() -> int:
         return 2
     out = a.out or os.path.join(os.path.dirname(__file__), "results", "full_speed_molmoe-1b.jsonl")
     ck, bundle, orin = (os.path.join(work, n) for n in ("checkpoint", "bundle", "bundle-orin"))
-    portable = {"routed": ["--no-fused", "--experts", "routed"], "portable_qmoe": ["--no-fused"]}
+    # the side by side: the default before the int8 head, and the layouts before QMoE and the fused graph
+    portable = {"float_head": ["--head", "float"], "routed": ["--no-fused", "--experts", "routed", "--head", "float"],
+                "portable_qmoe": ["--no-fused"]}
     image, frames = os.path.join(work, "frame.jpg"), os.path.join(work, "frames")
     py, cli = [sys.executable, "-c"], [sys.executable, "-m", "molmo_edge.runtime.cli"]
     size = "tiny" if a.tiny else "full"
