@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
-from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype
+from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype, kv_layout
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.calibration import CalibrationError
@@ -433,7 +433,7 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, positions)
     ref = bundle.manifest["graphs"][ref_key]  # the source's KV layout and dtype, which the new graph keeps
-    feeds = first_pass_feeds(np.asarray(emb[ids], np.float32)[None], ref.get("kv_layout", "bsnh-append"), cfg.n_layers,
+    feeds = first_pass_feeds(np.asarray(emb[ids], np.float32)[None], kv_layout(ref), cfg.n_layers,
                              cfg.n_kv_heads, cfg.head_dim, kv_dtype(ref))
     if cfg.is_molmo2:  # its decoder takes the token types of the prefix mask (text here)
         feeds["token_types"] = np.zeros((1, positions), np.int64)

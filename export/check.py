@@ -29,7 +29,7 @@ import numpy as np
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.files import Progress
 from molmo_edge.runtime.hf_names import lm_head_name
-from molmo_edge.runtime.kv_cache import first_pass_feeds
+from molmo_edge.runtime.kv_cache import APPEND, SHARED, first_pass_feeds
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.export.graph import GraphBuilder
@@ -238,7 +238,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                     for key in keys:
                         build, q = flavours[key]
                         path = _one_layer_graph(tmp, build, cfg, get, i, wdtype, opset, q, head=last)
-                        layout = "bnsh-shared" if build is build_decoder_fused else "bsnh-append"
+                        layout = SHARED if build is build_decoder_fused else APPEND
                         sess = _session(path)
                         kv = next(np.float16 if v.type == "tensor(float16)" else np.float32
                                   for v in sess.get_inputs() if v.name == "past_key.0")

@@ -14,6 +14,16 @@ import numpy as np
 from molmo_edge.runtime.errors import MolmoEdgeError
 
 
+# the two KV layouts a decoder graph declares in its manifest entry ("kv_layout")
+APPEND = "bsnh-append"   # portable decoder: past [1, T, kv_heads, hd] in, the new entries out
+SHARED = "bnsh-shared"   # fused decoder: one [1, kv_heads, max_len, hd] buffer per layer bound as past and present
+
+
+def kv_layout(entry: dict) -> str:
+    """The KV layout a decoder's manifest entry declares (portable when it does not say)."""
+    return entry.get("kv_layout", APPEND)
+
+
 class ContextOverflow(MolmoEdgeError):
     """The prompt plus the answer would not fit the model's context."""
 
@@ -61,7 +71,7 @@ def first_pass_feeds(embeds: np.ndarray, kv_layout: str, n_layers: int, kv_heads
     layer, lengths for GroupQueryAttention; kv: its dtype). For the checks that run a graph directly, without a backend."""
     t = embeds.shape[1]
     feeds = {"inputs_embeds": np.asarray(embeds, np.float32), "logit_positions": np.arange(t, dtype=np.int64)}
-    if kv_layout == "bnsh-shared":
+    if kv_layout == SHARED:
         feeds.update(seqlens_k=np.array([t - 1], np.int32), total_sequence_length=np.array(t, np.int32))
         past = (1, kv_heads, t, head_dim)
     else:

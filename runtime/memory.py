@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.kv_cache import kv_dtype
+from molmo_edge.runtime.kv_cache import SHARED, kv_dtype, kv_layout
 
 GiB = 2 ** 30
 # Peak RSS of a Python process with the runtime, onnxruntime, tokenizer and numpy loaded and a tiny bundle
@@ -118,7 +118,7 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     entries = manifest["graphs"]
     dec = entries.get(graphs.get("decoder"), {})
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
-                       activation_bytes(cfg, fused=dec.get("kv_layout") == "bnsh-shared", kv_item=kv_dtype(dec).itemsize),
+                       activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize),
                        mapped=sum(mapped_file_bytes(entries[key]) for key in graphs.values()))
     for key in graphs.values():
         if entries[key].get("precision", {}).get("weights") == "fp16":

@@ -8,7 +8,7 @@ import numpy as np
 
 from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_graphs
 from molmo_edge.runtime.deps import require
-from molmo_edge.runtime.kv_cache import KVCache, kv_dtype
+from molmo_edge.runtime.kv_cache import SHARED, KVCache, kv_dtype, kv_layout
 
 
 def default_providers() -> list[str]:
@@ -70,7 +70,7 @@ class OrtBackend:
                                   "damaged or from another version: re-export the bundle") from None
         self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["decoder"].get_providers() else "cpu"
         entry = bundle.manifest["graphs"][self.graphs["decoder"]]
-        self.kv_layout = entry.get("kv_layout", "bsnh-append")
+        self.kv_layout = kv_layout(entry)
         self.kv_dtype = kv_dtype(entry)
         # CUDA/TensorRT provider: KV cache and step I/O in device memory (ort_device.py); device_io=True forces
         # that path on any provider, False keeps the host path
@@ -95,7 +95,7 @@ class OrtBackend:
         if self.device_io is not None:
             return self.device_io.new_cache(n)
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, self.kv_dtype,
-                       layout="bnsh" if self.kv_layout == "bnsh-shared" else "bsnh")
+                       layout="bnsh" if self.kv_layout == SHARED else "bsnh")
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray,
                     token_types: np.ndarray | None = None) -> np.ndarray:
@@ -116,7 +116,7 @@ class OrtBackend:
         if types is not None:
             io.bind_cpu_input("token_types", types)
         io.bind_cpu_input("logit_positions", np.ascontiguousarray(logit_positions, np.int64))
-        if self.kv_layout == "bnsh-shared":
+        if self.kv_layout == SHARED:
             # positions are implied by the cache length (RoPE inside GroupQueryAttention)
             total = cache.length + t
             io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.kv_cache import KVCache
+from molmo_edge.runtime.kv_cache import APPEND, SHARED, KVCache
 
 # execution providers whose memory is CUDA device memory, in the order a session lists them
 DEVICE_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
@@ -31,7 +31,7 @@ class BindingPlan:
     device: str                          # "cuda" | "cpu" (where the bound buffers live)
     device_id: int
     kv_dtype: str                        # "float32" | "float16": as the graph declares its past K/V
-    kv_layout: str                       # "bsnh-append" (portable) | "bnsh-shared" (GroupQueryAttention)
+    kv_layout: str                       # kv_cache.APPEND (portable) | kv_cache.SHARED (GroupQueryAttention)
     on_device: tuple[str, ...]           # what lives in device memory
     per_step_h2d: tuple[str, ...]        # copied up each step
     per_step_d2h: tuple[str, ...]        # copied down each step
@@ -53,9 +53,9 @@ def binding_plan(providers: list[str], input_types: dict[str, str], kv_layout: s
     kv_dtype = _ORT_TYPES.get(kv_type)
     if kv_dtype not in ("float32", "float16"):
         raise MolmoEdgeError(f"the decoder's past_key.0 is {kv_type}: a KV cache must be float32 or float16; re-export the bundle")
-    if kv_layout not in ("bsnh-append", "bnsh-shared"):
+    if kv_layout not in (APPEND, SHARED):
         raise MolmoEdgeError(f"unknown KV layout {kv_layout!r} in the bundle manifest; re-export the bundle")
-    inputs = ("inputs_embeds", "logit_positions") + (("seqlens_k", "total_sequence_length") if kv_layout == "bnsh-shared"
+    inputs = ("inputs_embeds", "logit_positions") + (("seqlens_k", "total_sequence_length") if kv_layout == SHARED
                                                       else ("position_ids",))
     notes = [f"KV cache {kv_dtype} on {device}" + (" (the graph declares fp16 K/V)" if kv_dtype == "float16" else
                                                     " (the graph declares float32 K/V; an fp16 cache needs an fp16-I/O export)")]
@@ -70,7 +70,7 @@ class OrtDeviceKVCache(KVCache):
     def __init__(self, ort: Any, plan: BindingPlan, n_layers: int, kv_heads: int, head_dim: int, max_len: int):
         self.max_len = max_len
         self.length = 0
-        self.layout = "bnsh" if plan.kv_layout == "bnsh-shared" else "bsnh"
+        self.layout = "bnsh" if plan.kv_layout == SHARED else "bsnh"
         self.dtype = np.dtype(plan.kv_dtype)
         shape = [1, max_len, kv_heads, head_dim] if self.layout == "bsnh" else [1, kv_heads, max_len, head_dim]
         self.shape = shape
@@ -117,7 +117,7 @@ class DeviceDecoder:
         self._up(io, "logit_positions", np.ascontiguousarray(logit_positions, np.int64))
         if token_types is not None:
             self._up(io, "token_types", token_types)
-        if p.kv_layout == "bnsh-shared":
+        if p.kv_layout == SHARED:
             total = cache.length + t
             self._up(io, "seqlens_k", np.array([total - 1], np.int32))
             self._up(io, "total_sequence_length", np.array(total, np.int32))
