@@ -25,11 +25,11 @@ from molmo_edge.runtime.config import IMAGE_TOKENS
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.files import Progress, atomic_folder, numel, say, write_json_atomic
 from molmo_edge.runtime.hf_names import block_weight_shapes, lm_head_name, llm_weight_shapes, parameter_count, vision_weight_shapes
+from molmo_edge.runtime.kv_cache import SHARED
 from molmo_edge.runtime.machine import mem_available, package_versions
 
 from molmo_edge.export.checkpoint import open_checkpoint
 from molmo_edge.export.graph import GraphBuilder, WeightQuantizer
-from molmo_edge.export.onnx_fused import KV_LAYOUT as FUSED_KV_LAYOUT
 from molmo_edge.export.onnx_fused import build_decoder_fused
 from molmo_edge.export.onnx_graphs import build_decoder, build_vision
 
@@ -193,7 +193,7 @@ def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, pr
     info["padding_bytes"] = g.padding_bytes
     info["weight_bytes_by_dtype"] = g.bytes_by_dtype
     if build is build_decoder_fused:
-        info["kv_layout"] = FUSED_KV_LAYOUT
+        info["kv_layout"] = SHARED
         info["targets"] = ["onnxruntime"]
     progress(f"[export]   {name}: {info['nodes']} nodes, {info['data_bytes'] / 1e6:.1f} MB weights, "
              f"{time.perf_counter() - t:.1f} s")

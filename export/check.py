@@ -29,6 +29,7 @@ import numpy as np
 from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.files import Progress
 from molmo_edge.runtime.hf_names import lm_head_name
+from molmo_edge.runtime.backends.ort_device import ORT_TYPES
 from molmo_edge.runtime.kv_cache import APPEND, SHARED, first_pass_feeds
 from molmo_edge.runtime.machine import mem_available
 
@@ -240,8 +241,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                         path = _one_layer_graph(tmp, build, cfg, get, i, wdtype, opset, q, head=last)
                         layout = SHARED if build is build_decoder_fused else APPEND
                         sess = _session(path)
-                        kv = next(np.float16 if v.type == "tensor(float16)" else np.float32
-                                  for v in sess.get_inputs() if v.name == "past_key.0")
+                        kv = next(ORT_TYPES[v.type] for v in sess.get_inputs() if v.name == "past_key.0")
                         outs = sess.run(["hidden"] + (["logits"] if last else []),
                                         first_pass_feeds(x.numpy(), layout, 1, cfg.n_kv_heads, cfg.head_dim, kv))
                         del sess

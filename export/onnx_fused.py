@@ -24,13 +24,11 @@ import numpy as np
 from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
-from molmo_edge.runtime.kv_cache import SHARED
 
 from molmo_edge.export.graph import GraphBuilder
 from molmo_edge.export.onnx_graphs import F32, Get, _finish_decoder, _moe
 
 MS = "com.microsoft"
-KV_LAYOUT = SHARED  # what the manifest entry says
 
 
 def rope_cache(cfg: MolmoConfig, max_seq: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,8 @@ from molmo_edge.runtime.kv_cache import APPEND, SHARED, KVCache
 
 # execution providers whose memory is CUDA device memory, in the order a session lists them
 DEVICE_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+ORT_TYPES = {  # onnxruntime type strings -> numpy dtype names
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def binding_plan(providers: list[str], input_types: dict[str, str], kv_layout: s
         return None
     device = device or "cpu"
     kv_type = input_types.get("past_key.0", "tensor(float)")
-    kv_dtype = _ORT_TYPES.get(kv_type)
+    kv_dtype = ORT_TYPES.get(kv_type)
     if kv_dtype not in ("float32", "float16"):
         raise MolmoEdgeError(f"the decoder's past_key.0 is {kv_type}: a KV cache must be float32 or float16; re-export the bundle")
     if kv_layout not in (APPEND, SHARED):
