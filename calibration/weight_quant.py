@@ -30,6 +30,7 @@ from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype, kv_layout
 from molmo_edge.runtime.machine import mem_available
 
 from molmo_edge.calibration import CalibrationError
+from molmo_edge.export.graph import in_fp16
 from molmo_edge.calibration.staging import commit, staging
 
 BLOCK_SIZES = (32, 64, 128)
@@ -165,16 +166,15 @@ class BlockQuantizer:
         Molmo's routing is a softmax over all experts without renormalising the top-k weights: onnxruntime's CPU
         QMoE renormalises whatever normalize_routing_weights says (measured, onnxruntime 1.32), so the softmax goes in
         as router_weights (the mixing weights) and the logits as router_probs (only the top-k choice)."""
-        probs = make("Softmax", [logits], axis=-1)
-        half = self.scales == "fp16"  # QMoE takes activations of its scales' type
-        if half:
-            x, logits, probs = (make("Cast", [v], to=TensorProto.FLOAT16) for v in (x, logits, probs))
         w = weights
-        y = make("QMoE", [x, logits, w["fc1"], w["fc1_scales"], "", w["fc2"], w["fc2_scales"]] + [""] * 7 + [probs],
-                 domain="com.microsoft", k=top_k, normalize_routing_weights=0, activation_type="swiglu", swiglu_fusion=1,
-                 activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=self.bits, block_size=self.block_size,
-                 accuracy_level=self.accuracy_level, weights_prepacked=0)
-        return make("Cast", [y], to=TensorProto.FLOAT) if half else y
+
+        def qmoe(x: str, logits: str, probs: str) -> str:
+            return make("QMoE", [x, logits, w["fc1"], w["fc1_scales"], "", w["fc2"], w["fc2_scales"]] + [""] * 7 + [probs],
+                        domain="com.microsoft", k=top_k, normalize_routing_weights=0, activation_type="swiglu",
+                        swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=self.bits,
+                        block_size=self.block_size, accuracy_level=self.accuracy_level, weights_prepacked=0)
+        inputs = [x, logits, make("Softmax", [logits], axis=-1)]
+        return in_fp16(make, inputs, qmoe) if self.scales == "fp16" else qmoe(*inputs)
 
 
 HEAD_CHOICES = {"float": 0, "int8": 8, "int4": 4}
@@ -337,7 +337,7 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
         w, kind = plan[node.name]
         k, n = (int(v) for v in inits[w].dims)
         a, y = node.input[0], list(node.output)
-        if q.scales == "fp16":  # MatMulNBits takes activations of its scales' type; one Cast per activation
+        if q.scales == "fp16":  # export.graph.in_fp16's Casts, one per activation shared by its MatMulNBits
             if a not in half_of:
                 half_of[a] = a + ".f16"
                 nodes.append(helper.make_node("Cast", [a], [half_of[a]], name=node.name + ".cast_in", to=TensorProto.FLOAT16))

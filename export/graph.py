@@ -23,6 +23,14 @@ _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
                np.dtype(np.bool_): TensorProto.BOOL}
 
 
+def in_fp16(make: Any, inputs: Sequence[str], compute: Any) -> str:
+    """compute(*inputs cast to fp16), its output cast back to float32, through make(op_type, inputs, **attrs) -> name.
+    onnxruntime's MatMulNBits and QMoE take activations of their scales' dtype, and its CPU GroupQueryAttention
+    takes a KV cache of its activations' dtype: fp16 scales or an fp16 cache put the op between these Casts.
+    (quantize_graph writes the same Casts as raw nodes, one per activation shared by several MatMulNBits.)"""
+    return make("Cast", [compute(*(make("Cast", [x], to=TensorProto.FLOAT16) for x in inputs))], to=TensorProto.FLOAT)
+
+
 class WeightQuantizer(Protocol):
     """What GraphBuilder needs of a weight-only quantizer (calibration.weight_quant.BlockQuantizer)."""
     bits: int
@@ -122,11 +130,10 @@ class GraphBuilder:
             packed, scales = q.quantize(np.asarray(w, np.float32).T, name + ".weight")
             bn, sn = self.raw(name + f".weight.q{bits}", packed), self.raw(name + f".weight.q{bits}_scales", scales)
             self.quantized.append(name + ".weight")
-            half = scales.dtype == np.float16  # MatMulNBits takes activations of its scales' type
-            a = self.op("Cast", [x], to=TensorProto.FLOAT16) if half else x
-            y = self.op("MatMulNBits", [a, bn, sn], domain="com.microsoft",
-                        K=k, N=n, bits=bits, block_size=q.block_size, accuracy_level=q.accuracy_level, name_hint=name)
-            y = self.op("Cast", [y], to=TensorProto.FLOAT) if half else y
+            def matmul(a: str) -> str:
+                return self.op("MatMulNBits", [a, bn, sn], domain="com.microsoft", K=k, N=n, bits=bits,
+                               block_size=q.block_size, accuracy_level=q.accuracy_level, name_hint=name)
+            y = in_fp16(self.op, [x], matmul) if scales.dtype == np.float16 else matmul(x)
             return y if b is None else self.op("Add", [y, self.weight(name + ".bias", b)])
         y = self.op("MatMul", [x, self.weight(name + ".weight", w, transpose=True)], name_hint=name)
         if b is not None:

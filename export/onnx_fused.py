@@ -25,7 +25,7 @@ from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
 
-from molmo_edge.export.graph import GraphBuilder
+from molmo_edge.export.graph import GraphBuilder, in_fp16
 from molmo_edge.export.onnx_graphs import F32, Get, _finish_decoder, _moe
 
 MS = "com.microsoft"
@@ -88,14 +88,12 @@ def build_decoder_fused(g: GraphBuilder, cfg: MolmoConfig, get: Get, moe_op: boo
             k = g.rms_norm(k, get(a + "k_norm.weight"), cfg.norm_eps, a + "k_norm")
         pk = g.input(f"past_key.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
         pv = g.input(f"past_value.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
-        if half:
-            q, k, v = (g.op("Cast", [t], to=TensorProto.FLOAT16) for t in (q, k, v))
-        # present_* are graph outputs directly (no Identity copy of the whole buffer)
-        att = g.op("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total, cos_c, sin_c], domain=MS,
-                   outputs=[f"gqa_{i}", f"present_key.{i}", f"present_value.{i}"],
-                   num_heads=nh, kv_num_heads=nkv, scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=0)[0]
-        if half:
-            att = g.op("Cast", [att], to=F32)
+
+        def gqa(q: str, k: str, v: str) -> str:  # present_* are graph outputs directly (no Identity copy of the whole buffer)
+            return g.op("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total, cos_c, sin_c], domain=MS,
+                        outputs=[f"gqa_{i}", f"present_key.{i}", f"present_value.{i}"], num_heads=nh, kv_num_heads=nkv,
+                        scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=0)[0]
+        att = in_fp16(g.op, [q, k, v], gqa) if half else gqa(q, k, v)
         g.declare_output(f"present_key.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
         g.declare_output(f"present_value.{i}", kv_elem, ["batch", nkv, "max_seq", hd])
         att = g.linear(att, get(a + "attn_out.weight"), None, a + "attn_out")
