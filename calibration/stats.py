@@ -255,18 +255,16 @@ def graph_info(model: onnx.ModelProto) -> GraphInfo:
 def tapped_session(graph_path: str, names: Sequence[str], threads: int | None = None) -> Any:
     """An onnxruntime session of `graph_path` that also returns `names` (its weights stay on disk, shared)."""
     import onnxruntime as ort
+
+    from molmo_edge.runtime.backends.ort import session_options
     model = onnx.load(graph_path, load_external_data=False)
     have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for n in names:
         if n not in have:
             model.graph.output.append(onnx.ValueInfoProto(name=n))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False  # every tap is a graph output: an arena would keep a crop's worth of them
+    opts = session_options(threads)  # no arena matters here too: every tap is a graph output
     # taps must see the graph's own tensors: no fusion that would hide or change them
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                   os.path.dirname(os.path.abspath(graph_path)))
     return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])

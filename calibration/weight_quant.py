@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from molmo_edge.runtime.backends.ort import session_options
 from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
 from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype, kv_layout
 from molmo_edge.runtime.machine import mem_available
@@ -437,11 +438,9 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
                              cfg.n_kv_heads, cfg.head_dim, kv_dtype(ref))
     if cfg.is_molmo2:  # its decoder takes the token types of the prefix mask (text here)
         feeds["token_types"] = np.zeros((1, positions), np.int64)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     out = {}
     for k in (ref_key, key):
-        sess = ort.InferenceSession(bundle.graph_path(k), sess_options=opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(bundle.graph_path(k), sess_options=session_options(), providers=["CPUExecutionProvider"])
         out[k] = sess.run(["logits"], feeds)[0][0].astype(np.float64)
         del sess
     a, b = out[ref_key], out[key]

@@ -110,10 +110,9 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
 
 def _session(path: str):
     import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False  # as the runtime (backends/ort.py): activations freed after each run
-    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+    from molmo_edge.runtime.backends.ort import session_options
+    return ort.InferenceSession(path, sess_options=session_options(), providers=["CPUExecutionProvider"])  # the runtime's
 
 
 def _one_layer_graph(folder: str, build, cfg, get, i: int, wdtype, opset: int, quantizer, head: bool) -> str:

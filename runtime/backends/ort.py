@@ -18,7 +18,8 @@ def default_providers() -> list[str]:
 
 
 def session_options(threads: int | None = None):
-    """The onnxruntime SessionOptions every graph of a bundle runs with (the runtime's and calibrate's)."""
+    """The onnxruntime SessionOptions every graph of a bundle runs with: the runtime, calibrate, the export and
+    quantize self-checks and the TensorRT parity reference (so a check runs what the runtime will)."""
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

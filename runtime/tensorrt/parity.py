@@ -124,11 +124,10 @@ def _session(path: str, providers: list[str] | None) -> Any:
     """The reference runs on onnxruntime's CPU provider by default: plain fp32 (no TF32 MatMuls as the CUDA
     provider may use), the path the project checks against AI2's golden outputs, and one copy of the weights
     (no second one in GPU memory during session start)."""
+    from molmo_edge.runtime.backends.ort import session_options
     from molmo_edge.runtime.deps import require
     ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(path, sess_options=session_options(), providers=providers or ["CPUExecutionProvider"])
 
 
 def reference_vision(bundle: Bundle, graph: str, images: np.ndarray, masks: np.ndarray,
