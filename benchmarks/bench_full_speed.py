@@ -8,7 +8,7 @@ int4 --no-check`: the export's self-check is measured by bench_full_scale.py), t
 the roofline of one decode step, `bench` with the fp32 (fp16-stored) vision, the first answer to a new 640x480
 frame at the default crops and at --max-crops 2, `calibrate` (INT8 vision from 16 generated frames; --min-cosine 0.9, since random weights are not a trained ViT), `bench`
 and the first answers again with the INT8 vision, then the Orin-size INT4 decoder (block 64, fp16 scales,
-int8 head) exported the same way, its roofline and `bench`; for the side by side, the default decoder with the
+int8 head) exported the same way, its roofline and `bench`; for the side by side, the default with block 64 alone, the default decoder with the
 float LM head (`--head float`, the default before the int8 head), the INT4 decoder in the portable layout with the
 experts as routed MatMulNBits branches and a float head (`--no-fused --experts routed --head float`, the default
 before QMoE) and in the portable layout with QMoE (`--no-fused`, what `quantize` makes of a float bundle), each
@@ -30,6 +30,11 @@ from bench_full_scale import ROOFLINE, du, finish, run_step  # noqa: E402
 
 GiB = 2 ** 30
 NEEDS_GIB = 40
+# the side by side, beside the default decoder: the Orin-size one, block 64 alone, the default before the int8 head,
+# and the layouts before QMoE and the fused graph
+FLAVOURS = {"orin": ["--block-size", "64", "--scales", "fp16", "--head", "int8"], "block64": ["--block-size", "64"],
+            "float_head": ["--head", "float"], "routed": ["--no-fused", "--experts", "routed", "--head", "float"],
+            "portable_qmoe": ["--no-fused"]}
 
 
 def main() -> int:
@@ -42,6 +47,8 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=16, help="calibrate's --samples (default 16; the INT8 "
                     "vision's speed does not depend on it)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles")
+    ap.add_argument("--flavours", type=lambda v: [f for f in v.split(",") if f], default=list(FLAVOURS),
+                    help=f"decoders beside the default, comma-separated (default all: {','.join(FLAVOURS)})")
     ap.add_argument("--out", default=None, help="JSON lines (default benchmarks/results/full_speed_molmoe-1b.jsonl)")
     a = ap.parse_args()
     work = os.path.join(a.workdir, "speed-molmoe-1b")
@@ -52,10 +59,12 @@ def main() -> int:
         print(f"[full-speed] {work}: {free:.0f} GiB free, this run needs about {need:.0f} GiB", file=sys.stderr)
         return 2
     out = a.out or os.path.join(os.path.dirname(__file__), "results", "full_speed_molmoe-1b.jsonl")
-    ck, bundle, orin = (os.path.join(work, n) for n in ("checkpoint", "bundle", "bundle-orin"))
-    # the side by side: the default before the int8 head, and the layouts before QMoE and the fused graph
-    portable = {"float_head": ["--head", "float"], "routed": ["--no-fused", "--experts", "routed", "--head", "float"],
-                "portable_qmoe": ["--no-fused"]}
+    ck, bundle = (os.path.join(work, n) for n in ("checkpoint", "bundle"))
+    unknown = set(a.flavours) - set(FLAVOURS)
+    if unknown:
+        print(f"[full-speed] unknown --flavours {', '.join(sorted(unknown))}; choose from {', '.join(FLAVOURS)}", file=sys.stderr)
+        return 2
+    flavours = {k: v for k, v in FLAVOURS.items() if k in a.flavours}
     image, frames = os.path.join(work, "frame.jpg"), os.path.join(work, "frames")
     py, cli = [sys.executable, "-c"], [sys.executable, "-m", "molmo_edge.runtime.cli"]
     size = "tiny" if a.tiny else "full"
@@ -96,12 +105,10 @@ def main() -> int:
                                          "--holdout", "4",
                                          "--e2e-frames", "2", "--max-new-tokens", "16", "--min-cosine", "0.9", "--json"], work, log)
             measure("int8_vision")
-            run_step("export_orin", export + ["-o", orin, "--block-size", "64", "--scales", "fp16", "--head", "int8"],
-                     work, log)
-            for tag, opts in portable.items():
+            for tag, opts in flavours.items():
                 run_step(f"export_{tag}", export + ["-o", os.path.join(work, f"bundle-{tag}")] + opts, work, log)
             shutil.rmtree(ck, ignore_errors=True)
-            for tag, b in [("orin", orin)] + [(t, os.path.join(work, f"bundle-{t}")) for t in portable]:
+            for tag, b in [(t, os.path.join(work, f"bundle-{t}")) for t in flavours]:
                 run_step(f"roofline_{tag}", py + [ROOFLINE, b], work, log)
                 run_step(f"bench_{tag}", cli + [bench[0], b] + bench[1:] + ["--reduced-crops", "0"], work, log)
     finally:
