@@ -60,6 +60,21 @@ def machine_info() -> dict[str, Any]:
         pass
     return info
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """True on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI): their INT8 MatMul multiplies u8 by s8 through
+    VPMADDUBSW, whose int16 pair sums saturate. False on VNNI x86 and on other architectures (ARM's dot
+    products do not saturate). cpuinfo: /proc/cpuinfo's text (read when None); unreadable on x86 counts as True."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    flags = next((line.split(":", 1)[1].split() for line in (text or "").splitlines() if line.startswith("flags")), None)
+    return flags is None or not any(f in flags for f in VNNI_FLAGS)
+
+
 NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
 DEVICE_TREE_MODEL = "/proc/device-tree/model"
 
