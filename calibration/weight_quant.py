@@ -29,9 +29,9 @@ from molmo_edge.runtime.backends.ort import session_options
 from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
 from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype, kv_layout
 from molmo_edge.runtime.machine import mem_available
+from molmo_edge.runtime.ort_ops import in_fp16
 
 from molmo_edge.calibration import CalibrationError
-from molmo_edge.export.graph import in_fp16
 from molmo_edge.calibration.staging import commit, staging
 
 BLOCK_SIZES = (32, 64, 128)
@@ -338,7 +338,7 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
         w, kind = plan[node.name]
         k, n = (int(v) for v in inits[w].dims)
         a, y = node.input[0], list(node.output)
-        if q.scales == "fp16":  # export.graph.in_fp16's Casts, one per activation shared by its MatMulNBits
+        if q.scales == "fp16":  # runtime/ort_ops.in_fp16's Casts, one per activation shared by its MatMulNBits
             if a not in half_of:
                 half_of[a] = a + ".f16"
                 nodes.append(helper.make_node("Cast", [a], [half_of[a]], name=node.name + ".cast_in", to=TensorProto.FLOAT16))

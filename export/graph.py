@@ -17,18 +17,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from molmo_edge.runtime.external_data import ExternalDataWriter, tensor_proto
+from molmo_edge.runtime.ort_ops import in_fp16
 
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
                np.dtype(np.bool_): TensorProto.BOOL}
-
-
-def in_fp16(make: Any, inputs: Sequence[str], compute: Any) -> str:
-    """compute(*inputs cast to fp16), its output cast back to float32, through make(op_type, inputs, **attrs) -> name.
-    onnxruntime's MatMulNBits and QMoE take activations of their scales' dtype, and its CPU GroupQueryAttention
-    takes a KV cache of its activations' dtype: fp16 scales or an fp16 cache put the op between these Casts.
-    (quantize_graph writes the same Casts as raw nodes, one per activation shared by several MatMulNBits.)"""
-    return make("Cast", [compute(*(make("Cast", [x], to=TensorProto.FLOAT16) for x in inputs))], to=TensorProto.FLOAT)
 
 
 class WeightQuantizer(Protocol):

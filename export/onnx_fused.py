@@ -24,8 +24,9 @@ import numpy as np
 from onnx import TensorProto
 
 from molmo_edge.runtime.config import MolmoConfig
+from molmo_edge.runtime.ort_ops import in_fp16
 
-from molmo_edge.export.graph import GraphBuilder, in_fp16
+from molmo_edge.export.graph import GraphBuilder
 from molmo_edge.export.onnx_graphs import F32, Get, _finish_decoder, _moe
 
 MS = "com.microsoft"
