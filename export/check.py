@@ -204,12 +204,12 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
     cos, sin = cos[:, None], sin[:, None]
 
     def head(tensors, x):
-        """Logits through the final norm and the LM head, HEAD_ROWS vocabulary rows at a time: a float32 copy
-        of the whole head (2.2 GB for Molmo-7B-D) is never held."""
+        """Logits through the final norm and the LM head, HEAD_ROWS vocabulary rows at a time: neither a float32
+        copy of the whole head (2.2 GB for Molmo-7B-D) nor the whole logits (0.35 GB a chain there) is held."""
         h = _part(cfg, tensors, "ln_f.", lambda: RMSNorm(cfg.d_model, cfg.norm_eps))(x)[0]
         name = lm_head_name(cfg)
-        return np.concatenate([(h @ tensors.rows(name, i, i + HEAD_ROWS).T).numpy()
-                               for i in range(0, cfg.embedding_size, HEAD_ROWS)], -1)
+        for i in range(0, cfg.embedding_size, HEAD_ROWS):
+            yield (h @ tensors.rows(name, i, i + HEAD_ROWS).T).numpy()
 
     # the source-weight chain once: its logits are what every held chain's precision cost is measured against
     with torch.no_grad():
@@ -217,7 +217,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
         src_tensors = _FloatSource(source)
         for i in range(cfg.n_layers):
             x = _part(cfg, src_tensors, f"blocks.{i}.", lambda: Block(cfg))(x, cos, sin)[0]
-        logits_src = head(src_tensors, x)
+        x_src = x
 
     groups: dict[Any, list[str]] = {}
     for key, (_, quantizer) in flavours.items():
@@ -253,16 +253,29 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                         if last:
                             head_graph[key] = outs[1][0]
                     x = y
-                logits_held = head(held, x)
-                head_cost = None
-                if quantizer is not None and getattr(quantizer, "quantize_head", False):
-                    head_cost = _compare(logits_held, head(HeldWeights(source, wdtype, cfg), x))  # vs the float head
-            cost = _compare(logits_held, logits_src)
+                # the held chain's logits against the source chain's and, for a quantized head, the float head's
+                # on the same hidden states, one vocabulary chunk at a time
+                cost, head_cost = _Agreement(), None
+                float_head = quantizer is not None and getattr(quantizer, "quantize_head", False)
+                chains = [head(held, x), head(src_tensors, x_src)]
+                if float_head:
+                    head_cost = _Agreement()
+                    chains.append(head(HeldWeights(source, wdtype, cfg), x))
+                held_rows = []  # the held logits' chunks: all of them only for the end-to-end run of a small bundle
+                keep = any(_runs_whole(bundle_dir, key, whole) for key in keys)
+                for chunks in zip(*chains):
+                    if keep or not held_rows:
+                        held_rows.append(chunks[0])
+                    cost.add(chunks[0], chunks[1])
+                    if head_cost is not None:
+                        head_cost.add(chunks[0], chunks[2])
+            cost = cost.result()
+            head_cost = head_cost.result() if head_cost is not None else None
             precision = f"int{quantizer.bits}" if quantizer is not None else dtype
             for key in keys:
                 compute = "int8-activations" if quantizer is not None and quantizer.accuracy_level == 4 else "float"
                 tol = GRAPH_TOLERANCE[compute]
-                herr = _rel(head_graph[key], logits_held[:, :head_graph[key].shape[-1]])
+                herr = _rel(head_graph[key], held_rows[0][:, :head_graph[key].shape[-1]])  # the graph's HEAD_ROWS rows
                 w_err, w_layer = worst[key]
                 entry = {"worst_layer": w_layer, "worst_layer_max_rel_diff": w_err, "per_layer_max_rel_diff": per_layer[key],
                          "head_max_rel_diff": herr, "tolerance": tol, "compute": compute,
@@ -284,7 +297,8 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                     failures.append(f"{precision} storage changes the logits too much (cosine {cost['logit_cosine']:.4f} < "
                                     f"{PRECISION_BOUNDS[precision]})")
                 report["flavours"][key] = entry
-                report["flavours"][key]["_logits"] = logits_held
+                if keep:
+                    report["flavours"][key]["_logits"] = np.concatenate(held_rows, -1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not failures:
@@ -301,6 +315,15 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
     return report
 
 
+def _runs_whole(bundle_dir: str, key: str, whole: bool | None) -> bool:
+    """Whether the end-to-end run checks flavour `key`: asked for, or it fits in memory easily."""
+    if whole is not None:
+        return whole
+    from molmo_edge.runtime.bundle import load_bundle
+    graphs = load_bundle(bundle_dir).manifest["graphs"]
+    return 3 * (graphs[key]["data_bytes"] + graphs["vision"]["data_bytes"]) < 0.4 * mem_available()
+
+
 def _whole_bundle(bundle_dir: str, cfg, inputs, report: dict, failures: list[str], progress: Progress,
                   whole: bool | None) -> None:
     """Run the real bundle end to end when each flavour fits in memory easily (covers cross-layer wiring)."""
@@ -308,11 +331,8 @@ def _whole_bundle(bundle_dir: str, cfg, inputs, report: dict, failures: list[str
     from molmo_edge.runtime.bundle import GraphChoice, load_bundle
     from molmo_edge.runtime.session import Molmo
     bundle = load_bundle(bundle_dir)
-    graphs = bundle.manifest["graphs"]
     for key, entry in report["flavours"].items():
-        need = 3 * (graphs[key]["data_bytes"] + graphs["vision"]["data_bytes"])
-        run = whole if whole is not None else need < 0.4 * mem_available()
-        if not run:
+        if not _runs_whole(bundle_dir, key, whole):
             entry["whole_bundle"] = "skipped: larger than the memory this check allows itself"
             continue
         m = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"],
@@ -324,6 +344,29 @@ def _whole_bundle(bundle_dir: str, cfg, inputs, report: dict, failures: list[str
         progress(f"[export] check {key} end to end through the runtime: {err:.2e}")
         if not np.isfinite(err) or err > entry["tolerance"] * 5:  # the graph's own vision features feed it
             failures.append(f"{key} run end to end differs from torch by {err:.3e} (relative)")
+
+
+class _Agreement:
+    """_compare's figures over logits that arrive in vocabulary chunks (same order for both sides)."""
+
+    def __init__(self) -> None:
+        self.max_abs, self.ab, self.aa, self.bb, self.offset = 0.0, 0.0, 0.0, 0.0, 0
+        self.best: list[tuple[np.ndarray, np.ndarray]] = []  # per side: (best value, its index) per position
+
+    def add(self, got: np.ndarray, want: np.ndarray) -> None:
+        a, b = got.astype(np.float64), want.astype(np.float64)
+        self.max_abs = max(self.max_abs, float(np.abs(a - b).max()))
+        self.ab, self.aa, self.bb = self.ab + float((a * b).sum()), self.aa + float((a * a).sum()), self.bb + float((b * b).sum())
+        chunk = [(m.max(-1), m.argmax(-1) + self.offset) for m in (a, b)]
+        if not self.best:
+            self.best = chunk
+        else:  # strictly greater: ties keep the earlier index, as argmax over the whole row does
+            self.best = [(np.where(v > bv, v, bv), np.where(v > bv, i, bi)) for (bv, bi), (v, i) in zip(self.best, chunk)]
+        self.offset += a.shape[-1]
+
+    def result(self) -> dict[str, float]:
+        return {"max_abs_logit_diff": self.max_abs, "logit_cosine": self.ab / float(np.sqrt(self.aa * self.bb)),
+                "argmax_agreement": float((self.best[0][1] == self.best[1][1]).mean())}
 
 
 def _compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:

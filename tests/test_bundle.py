@@ -345,3 +345,21 @@ def test_head_is_checked_in_slices_and_a_broken_head_still_fails(tiny_checkpoint
     monkeypatch.setattr(GraphBuilder, "linear", bad_linear)
     with pytest.raises(MolmoEdgeError, match="head differs"):
         export_bundle(tiny_checkpoints["molmoe-1b"], str(tmp_path / "bad"), dtype="fp16", whole_check=False, **QUIET)
+
+
+def test_logit_agreement_over_vocabulary_chunks_equals_the_whole_comparison():
+    """The self-check compares logits chunk by chunk (a full-size head's logits are not held): same figures,
+    ties in the argmax keep the earlier index as a whole-row argmax does."""
+    from molmo_edge.export.check import _Agreement, _compare
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 50)).astype(np.float32)
+    b = a + 0.1 * rng.standard_normal((7, 50)).astype(np.float32)
+    a[0, 3] = a[0, 20] = b[0, 20] = b[0, 3] = 9.0  # a tie across two chunks
+    b[1, 40] = 9.0  # an argmax disagreement in the last chunk
+    got = _Agreement()
+    for i in range(0, 50, 16):
+        got.add(a[:, i:i + 16], b[:, i:i + 16])
+    want, got = _compare(a, b), got.result()
+    assert got["argmax_agreement"] == want["argmax_agreement"] < 1.0
+    assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], rel=1e-12)
+    assert got["logit_cosine"] == pytest.approx(want["logit_cosine"], rel=1e-12)
