@@ -219,6 +219,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
             x = _part(cfg, src_tensors, f"blocks.{i}.", lambda: Block(cfg))(x, cos, sin)[0]
         x_src = x
 
+    whole_keys = _whole_run_keys(bundle_dir, flavours, whole)  # decided once: they need the held logits kept
     groups: dict[Any, list[str]] = {}
     for key, (_, quantizer) in flavours.items():
         groups.setdefault(quantizer, []).append(key)
@@ -262,7 +263,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
                     head_cost = _Agreement()
                     chains.append(head(HeldWeights(source, wdtype, cfg), x))
                 held_rows = []  # the held logits' chunks: all of them only for the end-to-end run of a small bundle
-                keep = any(_runs_whole(bundle_dir, key, whole) for key in keys)
+                keep = any(key in whole_keys for key in keys)
                 for chunks in zip(*chains):
                     if keep or not held_rows:
                         held_rows.append(chunks[0])
@@ -302,7 +303,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not failures:
-        _whole_bundle(bundle_dir, cfg, inputs, report, failures, progress, whole)
+        _whole_bundle(bundle_dir, cfg, inputs, report, failures, progress, whole_keys)
     for entry in report["flavours"].values():
         entry.pop("_logits", None)
     if failures:
@@ -315,24 +316,25 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
     return report
 
 
-def _runs_whole(bundle_dir: str, key: str, whole: bool | None) -> bool:
-    """Whether the end-to-end run checks flavour `key`: asked for, or it fits in memory easily."""
+def _whole_run_keys(bundle_dir: str, keys, whole: bool | None) -> set[str]:
+    """The flavours the end-to-end run checks: all or none when asked, else those that fit in memory easily."""
     if whole is not None:
-        return whole
+        return set(keys) if whole else set()
     from molmo_edge.runtime.bundle import load_bundle
     graphs = load_bundle(bundle_dir).manifest["graphs"]
-    return 3 * (graphs[key]["data_bytes"] + graphs["vision"]["data_bytes"]) < 0.4 * mem_available()
+    free = mem_available()
+    return {k for k in keys if 3 * (graphs[k]["data_bytes"] + graphs["vision"]["data_bytes"]) < 0.4 * free}
 
 
 def _whole_bundle(bundle_dir: str, cfg, inputs, report: dict, failures: list[str], progress: Progress,
-                  whole: bool | None) -> None:
+                  whole_keys: set[str]) -> None:
     """Run the real bundle end to end when each flavour fits in memory easily (covers cross-layer wiring)."""
     from molmo_edge.runtime.backends.ort import OrtBackend
     from molmo_edge.runtime.bundle import GraphChoice, load_bundle
     from molmo_edge.runtime.session import Molmo
     bundle = load_bundle(bundle_dir)
     for key, entry in report["flavours"].items():
-        if not _runs_whole(bundle_dir, key, whole):
+        if key not in whole_keys:
             entry["whole_bundle"] = "skipped: larger than the memory this check allows itself"
             continue
         m = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"],
@@ -347,7 +349,8 @@ def _whole_bundle(bundle_dir: str, cfg, inputs, report: dict, failures: list[str
 
 
 class _Agreement:
-    """_compare's figures over logits that arrive in vocabulary chunks (same order for both sides)."""
+    """Largest logit error, cosine and argmax agreement of two logit arrays that arrive in vocabulary chunks
+    (same order for both sides)."""
 
     def __init__(self) -> None:
         self.max_abs, self.ab, self.aa, self.bb, self.offset = 0.0, 0.0, 0.0, 0.0, 0
@@ -367,13 +370,6 @@ class _Agreement:
     def result(self) -> dict[str, float]:
         return {"max_abs_logit_diff": self.max_abs, "logit_cosine": self.ab / float(np.sqrt(self.aa * self.bb)),
                 "argmax_agreement": float((self.best[0][1] == self.best[1][1]).mean())}
-
-
-def _compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
-    a, b = got.astype(np.float64), want.astype(np.float64)
-    return {"max_abs_logit_diff": float(np.abs(a - b).max()),
-            "logit_cosine": float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())),
-            "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
 def _vision_names(cfg) -> list[str]:

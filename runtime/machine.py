@@ -7,6 +7,7 @@ tool or reads the file; off Jetson they return None instead of failing. `snapsho
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 import platform
@@ -60,7 +61,13 @@ def machine_info() -> dict[str, Any]:
         pass
     return info
 
+
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str | None:
+    return _read("/proc/cpuinfo")  # read once: every onnxruntime session's options ask (int8_pairs_saturate)
 
 
 def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) -> bool:
@@ -70,7 +77,7 @@ def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) 
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
     flags = next((line.split(":", 1)[1].split() for line in (text or "").splitlines() if line.startswith("flags")), None)
     return flags is None or not any(f in flags for f in VNNI_FLAGS)
 
