@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from molmo_edge.runtime.backends.ort import session_options
 from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
 from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype, kv_layout
-from molmo_edge.runtime.machine import mem_available
+from molmo_edge.runtime.machine import mem_available, return_large_frees
 from molmo_edge.runtime.ort_ops import in_fp16
 
 from molmo_edge.calibration import CalibrationError
@@ -482,6 +482,7 @@ def quantize_decoder_weights(bundle_dir: str, bits: int, block_size: int = 32, p
     source = "decoder.fused" if "decoder.fused" in bundle.manifest["graphs"] and not (
         bundle.config.is_moe and experts == "routed") else "decoder"
     base = bundle.manifest["graphs"][source]
+    return_large_frees()  # the tensors quantized one after another, and the self-check's
     t0 = time.perf_counter()
     progress(f"[quantize] {bundle_dir}: decoder weights -> int{bits}, block {block_size}, symmetric (MatMulNBits) ...")
     with staging(bundle_dir, f"int{bits}") as stage:

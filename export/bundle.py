@@ -26,7 +26,7 @@ from molmo_edge.runtime.errors import MolmoEdgeError
 from molmo_edge.runtime.files import Progress, atomic_folder, numel, say, write_json_atomic
 from molmo_edge.runtime.hf_names import block_weight_shapes, lm_head_name, llm_weight_shapes, parameter_count, vision_weight_shapes
 from molmo_edge.runtime.kv_cache import SHARED
-from molmo_edge.runtime.machine import mem_available, package_versions
+from molmo_edge.runtime.machine import mem_available, package_versions, return_large_frees
 
 from molmo_edge.export.checkpoint import open_checkpoint
 from molmo_edge.export.graph import GraphBuilder, WeightQuantizer
@@ -81,6 +81,7 @@ def export_bundle(model: str, out: str, dtype: str = "fp32", opset: int = 18, ma
         raise MolmoEdgeError(f"--dtype {dtype} is not supported; use fp32 or fp16")
     if os.path.exists(out) and not force:
         raise MolmoEdgeError(f"{out} already exists; pass --force to replace it or choose another -o")
+    return_large_frees()  # the self-check frees one block's tensors after another
     t0 = time.perf_counter()
     folder, cfg, source = open_checkpoint(model)
     if max_crops is not None:

@@ -82,6 +82,31 @@ def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) 
     return flags is None or not any(f in flags for f in VNNI_FLAGS)
 
 
+# glibc raises its mmap threshold to the size of each large block it frees (up to 32 MiB), so after the first free
+# the next blocks below that size come from the heap, and freed heap blocks under a live one stay resident
+LARGE_FREE_BYTES = 4 << 20
+
+
+def return_large_frees(threshold: int = LARGE_FREE_BYTES) -> bool:
+    """Have glibc give blocks of `threshold` bytes and more back to the kernel when they are freed, for the
+    batch jobs that free many large tensors (export's self-check, quantize, calibrate). Measured, full-width
+    MolmoE-1B export check (2 layers, one 64-expert block at a time): 3.29 -> 2.13 GiB peak anonymous memory.
+    Not for ask/serve: each large activation is then a fresh mmap, page faults included (decode of that
+    bundle 53 -> 35-41 tokens/s). False where it does not apply: not glibc, or MALLOC_MMAP_THRESHOLD_ set."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False  # the user's own setting wins
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return False
+        m_mmap_threshold = -3  # malloc.h; setting it also ends the dynamic threshold
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 NV_TEGRA_RELEASE = "/etc/nv_tegra_release"
 DEVICE_TREE_MODEL = "/proc/device-tree/model"
 
