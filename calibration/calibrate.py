@@ -19,17 +19,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from molmo_edge.runtime.machine import package_versions
+from molmo_edge.runtime.machine import package_versions, return_large_frees
 
 from molmo_edge.calibration import CalibrationError
 from molmo_edge.calibration.frames import FrameSet, select_frames
 from molmo_edge.calibration.qdq import build_qdq_model, find_layers, quantize_weight, select_layers
 from molmo_edge.calibration.report import (DEFAULT_PROMPTS, LayerError, Prompt, answer_record, answer_summary, crop_metrics, format_table,
                      point_distance, summarise, write_json)
-from molmo_edge.calibration.stats import METHODS, TensorStats, graph_info, run_tapped, scales_from, tapped_session
+from molmo_edge.calibration.stats import METHODS, TensorStats, graph_info, run_tapped, scales_from, tap_bytes, tapped_session
 from molmo_edge.calibration.vision_feeds import VisionFeeds
 from molmo_edge.calibration.staging import commit, staging
 from molmo_edge.calibration.trt_cache import METHOD_ALGORITHM, version_int, version_str, write_cache
+from molmo_edge.calibration.weight_quant import mapped_weight
 from molmo_edge.runtime.files import say
 
 DEFAULT_TRT_VERSIONS = ("10.3.0", "10.13.3")
@@ -90,6 +91,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
     cfg = bundle.config
     if max_crops is not None and max_crops < 1:
         raise CalibrationError(f"--max-crops {max_crops} must be >= 1")
+    return_large_frees()  # every batch's taps are freed: hand them back, not keep them in the heap
 
     # 1. what will be quantized (checked first: a typo in --exclude should not cost a statistics pass)
     vision_path = bundle.graph_path("vision")
@@ -107,12 +109,18 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
     progress(f"[calibrate] {len(frames.calibration)} calibration + {len(frames.holdout)} held-out frames from {source} "
              f"({frames.candidates} read, {frames.duplicates} near-duplicates dropped)")
 
-    # 3. statistics of every activation of the fp32 vision graph
+    # 3. what it will hold, checked before the long statistics pass (one crop's taps are exact from shapes)
     names = info.activations
     proc = VisionFeeds(bundle_dir, cfg)
+    pixels, masks = proc.crops(frames.calibration[0].rgb, max_crops)
+    per_crop = tap_bytes(info.model, names, next(proc.batches(pixels, masks, 1)))
+    batch = int(max(1, min(16, BATCH_BYTES // max(per_crop, 1))))
+    e2e = _end_to_end_plan(bundle, progress) if e2e_frames > 0 else None
+    _check_memory(bundle, quant, info, per_crop * batch, e2e)
+
+    # 4. statistics of every activation of the fp32 vision graph
     sess = tapped_session(vision_path, names, threads)
     stats = {n: TensorStats() for n in names}
-    batch = 1
     t0 = time.perf_counter()
     for k, frame in enumerate(frames.calibration):
         pixels, masks = proc.crops(frame.rgb, max_crops)
@@ -120,9 +128,6 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
             vals = run_tapped(sess, feeds, names)
             for n in names:
                 stats[n].update(vals[n])
-            if k == 0 and batch == 1:  # size batches from what one crop's taps weigh
-                per_crop = sum(v.nbytes for v in vals.values()) / proc.n_crops(feeds)
-                batch = int(max(1, min(16, BATCH_BYTES // max(per_crop, 1))))
             del vals
         el = time.perf_counter() - t0
         progress(f"[calibrate] statistics {k + 1}/{len(frames.calibration)} frames ({len(pixels)} crops), "
@@ -139,7 +144,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
     with staging(bundle_dir, "calibrate") as stage:
         rel_stage = os.path.relpath(stage, bundle_dir)
         os.makedirs(os.path.join(stage, "calibration"))
-        # 4. TensorRT caches (every activation of the fp32 graph, for implicit INT8 builds)
+        # 5. TensorRT caches (every activation of the fp32 graph, for implicit INT8 builds)
         algorithm = METHOD_ALGORITHM[method]
         caches = []
         for i, code in enumerate(codes):
@@ -147,7 +152,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
             header = write_cache(os.path.join(stage, fname), scales, code, algorithm, info.initializers)
             caches.append({"file": fname, "trt_version": version_str(code), "header": header, "tensors": len(scales),
                            "network": bundle.manifest["graphs"]["vision"]["file"]})
-        # 5. the Q/DQ graph
+        # 6. the Q/DQ graph
         progress(f"[calibrate] writing vision.int8.onnx: Q/DQ on {len(quant)} MatMuls "
                  f"({len(kept)} kept in float, attention matmuls {'INT8' if quantize_attention else 'float'}) ...")
         qdq_file = "vision.int8.onnx"
@@ -163,7 +168,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
                              "attention_matmuls": "int8" if quantize_attention else "float",
                              "float_ops": ["LayerNormalization", "Softmax", "QuickGELU/SiLU", "residual and bias Add"]},
         })
-        # 6. accuracy on held-out frames
+        # 7. accuracy on held-out frames
         staged_manifest = dict(bundle.manifest)
         staged_manifest["graphs"] = dict(bundle.manifest["graphs"])
         staged_manifest["graphs"]["vision.int8"] = dict(entry, file=f"{rel_stage}/{qdq_file}")
@@ -171,8 +176,8 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
         report = _evaluate(staged, proc, sess, frames, quant, scales, os.path.join(stage, qdq_file), max_crops, batch,
                            threads, progress)
         del sess  # the tapped session (its float32 weights and every tapped buffer) before the answers load a model
-        if e2e_frames > 0:
-            report["end_to_end"] = _end_to_end(staged, frames.holdout[:e2e_frames], list(prompts or DEFAULT_PROMPTS),
+        if e2e is not None:
+            report["end_to_end"] = _end_to_end(staged, e2e, frames.holdout[:e2e_frames], list(prompts or DEFAULT_PROMPTS),
                                                max_crops, max_new_tokens, threads, progress)
         report.update({"method": method, "percentile": percentile if method == "percentile" else None,
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -194,7 +199,7 @@ def calibrate_bundle(bundle_dir: str, source: str, *, samples: int = 64, holdout
         write_json(os.path.join(stage, "calibration", "report.json"), report)
         write_json(os.path.join(stage, "calibration", "frames.json"), frames.to_dict())
 
-        # 7. commit: files into place, manifest last
+        # 8. commit: files into place, manifest last
         cal_files = [c["file"] for c in caches] + ["calibration/report.json", "calibration/frames.json"]
         calibration = {
             "method": method, "percentile": percentile if method == "percentile" else None, "seed": frames.seed,
@@ -229,7 +234,6 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
               max_crops: int | None, batch: int, threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
     """Features and per-layer sensitivity on the held-out frames."""
     import onnx
-    from onnx import numpy_helper
 
     vision_path = bundle.graph_path("vision")
     model = onnx.load(vision_path, load_external_data=False)
@@ -237,9 +241,8 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
     base_dir = os.path.dirname(os.path.abspath(vision_path))
     layer_err = []
     for l in quant:
-        w = numpy_helper.to_array(inits[l.weight], base_dir=base_dir).astype(np.float32)
-        q, s = quantize_weight(w)
-        layer_err.append(LayerError(l.name, l.input, w, q.astype(np.float32) * s, scales[l.input]))
+        w = mapped_weight(inits[l.weight], base_dir)
+        layer_err.append(LayerError(l.name, l.input, w, *quantize_weight(w), scales[l.input]))
     del model, inits
     taps = sorted({l.input for l in quant}) + ["image_features"]
     int8 = _vision_session(qdq_path, threads)
@@ -266,17 +269,15 @@ def _evaluate(bundle, proc, sess, frames: FrameSet, quant, scales: dict[str, flo
             "layers": layers}
 
 
-def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, max_new_tokens: int,
-                threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
-    from molmo_edge.runtime.backends.ort import OrtBackend
+def _end_to_end_plan(bundle, progress: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+    """Which graphs the end-to-end answers run ({"fp32": GraphChoice, "int8": GraphChoice}, note), checked to fit
+    before the statistics pass. "int8" is the calibrated INT8 vision graph with the bundle's quantized decoder
+    (INT8, else INT4), or with the float decoder when the bundle has no quantized one. A float reference that
+    would not fit this machine's memory (a full-size bundle on CPU) is replaced by the quantized decoder, so
+    the comparison isolates the vision. The two runs load one after the other."""
     from molmo_edge.runtime.bundle import BundleError, GraphChoice, choose_graphs
     from molmo_edge.runtime.memory import InsufficientMemory, check_fits
-    from molmo_edge.runtime.session import Molmo
 
-    # "int8" here is the calibrated INT8 vision graph with the bundle's quantized decoder (INT8, else INT4),
-    # or with the float decoder when the bundle has no quantized one: the graphs are named explicitly.
-    # The two runs load one after the other, and a float reference that would not fit this machine's memory
-    # (a full-size bundle on CPU) is replaced by the quantized decoder, so the comparison isolates the vision
     graphs = bundle.manifest["graphs"]
     quantized = next((k for k in ("decoder.int8", "decoder.int4") if k in graphs), None)
     fp32 = note = None
@@ -285,15 +286,53 @@ def _end_to_end(bundle, holdout, prompts: list[Prompt], max_crops: int | None, m
         check_fits(bundle.manifest, bundle.config, {"vision": fp32.vision, "decoder": fp32.decoder}, bundle.folder)
     except (BundleError, InsufficientMemory) as e:  # no float decoder (export --weights), or it would not fit
         if quantized is None:
-            raise
+            _refuse_end_to_end(e)
         why = "does not fit this machine's memory" if isinstance(e, InsufficientMemory) else "is not in this bundle"
         fp32, note = GraphChoice("vision", quantized, "fp32", "calibration end-to-end reference"), (
             f"the float decoder {why}: the reference runs {quantized} with the float vision")
         progress(f"[calibrate] end to end: {note}")
     decoder = quantized or fp32.decoder
-    choices = {"fp32": fp32, "int8": GraphChoice("vision.int8", decoder, "int8", "calibration end-to-end check")}
-    for c in choices.values():
-        check_fits(bundle.manifest, bundle.config, {"vision": c.vision, "decoder": c.decoder}, bundle.folder)
+    # the INT8 vision graph does not exist yet: the float one (more memory) stands in for its check
+    try:
+        check_fits(bundle.manifest, bundle.config, {"vision": "vision", "decoder": decoder}, bundle.folder)
+    except InsufficientMemory as e:
+        _refuse_end_to_end(e)
+    return {"fp32": fp32, "int8": GraphChoice("vision.int8", decoder, "int8", "calibration end-to-end check")}, note
+
+
+def _refuse_end_to_end(e: Exception) -> None:
+    from molmo_edge.runtime.memory import InsufficientMemory
+    if not isinstance(e, InsufficientMemory):
+        raise e
+    raise CalibrationError(f"{str(e).split(';')[0]}; calibrate's end-to-end answers would not fit: run with --e2e-frames 0 "
+                           "(the statistics and the held-out feature check need less)") from None
+
+
+def _check_memory(bundle, quant, info, taps: int, e2e) -> None:
+    """Refuse, before the statistics pass, when calibrate would not fit in the memory available: the tapped
+    float vision session (its weights as float32) with one batch of every tapped activation, then the held-out
+    check (both vision sessions, the quantized layers' int8 weights, the same batch of taps)."""
+    from molmo_edge.runtime import machine
+    from molmo_edge.runtime.memory import GiB, RUNTIME_BASE_BYTES, USABLE_SHARE, resident_weight_bytes
+
+    vision = resident_weight_bytes(bundle.manifest["graphs"]["vision"])
+    dims = {t.name: t.dims for t in info.model.graph.initializer}
+    int8 = sum(int(np.prod(dims[l.weight])) for l in quant)   # int8 copies held by the held-out check
+    need = RUNTIME_BASE_BYTES + vision + taps + int8 + (vision // 4 + int8)  # + the INT8 session, bounded
+    avail = machine.mem_available()
+    if need > avail * USABLE_SHARE:
+        raise CalibrationError(
+            f"calibrate needs about {need / GiB:.1f} GiB (vision weights held as float32 {vision / GiB:.1f} GiB, one batch "
+            f"of activations {taps / GiB:.1f} GiB) but {avail / GiB:.1f} GiB are available; calibrate a copy of the bundle "
+            "on a machine with more memory and copy it back (the scales and the INT8 graph do not depend on the machine)")
+
+
+def _end_to_end(bundle, plan: tuple[dict[str, Any], str | None], holdout, prompts: list[Prompt], max_crops: int | None,
+                max_new_tokens: int, threads: int | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    from molmo_edge.runtime.backends.ort import OrtBackend
+    from molmo_edge.runtime.session import Molmo
+
+    choices, note = plan
     answers: dict[str, list] = {}
     for label, c in choices.items():
         m = Molmo(bundle, OrtBackend(bundle, providers=["CPUExecutionProvider"], threads=threads, choice=c))

@@ -115,10 +115,13 @@ def summarise(crops: Sequence[dict[str, float]]) -> dict[str, Any]:
 
 
 class LayerError:
-    """Accumulates the local quantization error of one layer over batches."""
+    """Accumulates the local quantization error of one layer over batches.
 
-    def __init__(self, layer: str, input_name: str, w: np.ndarray, w_deq: np.ndarray, scale: float):
-        self.layer, self.input, self.w, self.w_deq, self.scale = layer, input_name, w, w_deq, scale
+    Holds the INT8 weight (int8 + per-channel scale) and the float weight as stored (a memory-mapped view
+    of the bundle's file): two float32 copies of every quantized layer were 2.6 GB at MolmoE-1B's size."""
+
+    def __init__(self, layer: str, input_name: str, w: np.ndarray, q: np.ndarray, q_scale: np.ndarray, scale: float):
+        self.layer, self.input, self.w, self.q, self.q_scale, self.scale = layer, input_name, w, q, q_scale, scale
         self.a = np.zeros(3)   # activation: <x, fq x>, |x|^2, |fq x|^2
         self.o = np.zeros(4)   # output: <y, yq>, |y|^2, |yq|^2, |y - yq|^2
 
@@ -130,8 +133,9 @@ class LayerError:
         self.a += [xd @ fd, xd @ xd, fd @ fd]
         step = max(1, len(flat) // LAYER_ROWS)
         rows = flat[::step][:LAYER_ROWS]
-        y = (rows.astype(np.float64) @ self.w.astype(np.float64)).ravel()
-        yq = (fake_quant(rows, self.scale).astype(np.float64) @ self.w_deq.astype(np.float64)).ravel()
+        y = (rows.astype(np.float64) @ np.asarray(self.w, np.float64)).ravel()
+        # the dequantized weight q * s: one scale per output column, applied after the product
+        yq = ((fake_quant(rows, self.scale).astype(np.float64) @ self.q.astype(np.float64)) * self.q_scale).ravel()
         self.o += [y @ yq, y @ y, yq @ yq, (y - yq) @ (y - yq)]
 
     def to_dict(self) -> dict[str, Any]:

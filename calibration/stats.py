@@ -270,6 +270,29 @@ def tapped_session(graph_path: str, names: Sequence[str], threads: int | None = 
     return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def tap_bytes(model: onnx.ModelProto, names: Sequence[str], feeds: dict[str, np.ndarray]) -> int:
+    """Bytes of the `names` tensors one run on `feeds` returns, from shape inference with the feeds' shapes
+    (exact on this project's vision graphs: 3.28 GiB for one MolmoE-1B crop, all 736 taps). A tensor whose
+    shape stays unknown counts as the largest known one."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in feeds and i.type.HasField("tensor_type"):
+            dims = i.type.tensor_type.shape.dim
+            for d, n in zip(dims, feeds[i.name].shape):
+                d.ClearField("dim_param")
+                d.dim_value = int(n)
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    sizes: dict[str, int] = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize if t.elem_type else 4
+            sizes[v.name] = int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * item
+    largest = max(sizes.values(), default=0)
+    return int(sum(sizes.get(n, largest) for n in names))
+
+
 def run_tapped(sess: Any, feeds: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Graph inputs among `names` come from `feeds`; the rest from the session."""
     inputs = {i.name for i in sess.get_inputs()}

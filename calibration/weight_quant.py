@@ -217,7 +217,8 @@ def _external(t: onnx.TensorProto, folder: str) -> tuple[str, int, int] | None:
     return os.path.join(folder, kv["location"]), int(kv.get("offset", 0)), length
 
 
-def _load(t: onnx.TensorProto, folder: str) -> np.ndarray:
+def mapped_weight(t: onnx.TensorProto, folder: str) -> np.ndarray:
+    """A weight as stored: memory-mapped from its external data (no copy held), or inline."""
     ext = _external(t, folder)
     if ext is None:
         return numpy_helper.to_array(t)
@@ -376,7 +377,7 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
     try:
         for t in graph.initializer:
             if t.name in singles:
-                w = _load(t, folder)
+                w = mapped_weight(t, folder)
                 b, sc = q.quantize(np.asarray(w, np.float32), qname[t.name])
                 new_inits += [tensor_proto(writer, f"{t.name}.q{width[t.name]}", b),
                               tensor_proto(writer, f"{t.name}.q{width[t.name]}_scales", sc)]
@@ -396,12 +397,12 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
         for b in blocks:
             f = b["prefix"]
             if "node" in b:  # stacked fc1 (gate even rows, up odd) and fc2, [out, in] per expert
-                fc1, fc2 = _load(inits[b["fc1"]], folder), _load(inits[b["fc2"]], folder)
+                fc1, fc2 = mapped_weight(inits[b["fc1"]], folder), mapped_weight(inits[b["fc2"]], folder)
                 rows = {"gate_proj": (fc1, slice(0, None, 2)), "up_proj": (fc1, slice(1, None, 2)), "down_proj": (fc2, slice(None))}
                 get = lambda e, nm: rows[nm][0][e, rows[nm][1]].T  # noqa: E731
                 used = (b["fc1"], b["fc2"])
             else:
-                get = lambda e, nm: _load(inits[f"{f}experts.{e}.{nm}.weight"], folder)  # noqa: E731
+                get = lambda e, nm: mapped_weight(inits[f"{f}experts.{e}.{nm}.weight"], folder)  # noqa: E731
                 used = tuple(n for n in inits if n.startswith(f + "experts."))
             packed = q.pack_experts(get, b["experts"])
             for key, arr in packed.items():

@@ -451,3 +451,38 @@ def test_calibrate_a_bundle_exported_straight_to_int4(tiny_checkpoints, frames_d
     assert "is not in this bundle" in capsys.readouterr().err
     e = json.load(open(os.path.join(b, "calibration", "report.json")))["end_to_end"]
     assert e["graphs"] == {"fp32": ["vision", "decoder.int4"], "int8": ["vision.int8", "decoder.int4"]}
+
+
+def test_tap_bytes_from_shapes_equal_what_a_tapped_run_returns(base_bundle, frames_dir):
+    from molmo_edge.calibration.stats import graph_info, run_tapped, tap_bytes, tapped_session
+    from molmo_edge.calibration.vision_feeds import VisionFeeds
+    b = load_bundle(base_bundle)
+    path = b.graph_path("vision")
+    info = graph_info(onnx.load(path, load_external_data=False))
+    proc = VisionFeeds(base_bundle, b.config)
+    pixels, masks = proc.crops(scene(3, 240, 320), None)
+    sess = tapped_session(path, info.activations)
+    for n in (1, 2):
+        feeds = next(proc.batches(pixels, masks, n))
+        got = run_tapped(sess, feeds, info.activations)
+        assert tap_bytes(info.model, info.activations, feeds) == sum(v.nbytes for v in got.values()) > 0
+
+
+def test_calibrate_that_would_not_fit_refuses_before_the_statistics(base_bundle, frames_dir, tmp_path, monkeypatch):
+    """Memory short for the tapped run, or for the end-to-end answers: one line, before any graph runs, bundle unchanged."""
+    import molmo_edge.calibration.stats as stats
+    import molmo_edge.runtime.machine as machine
+    b = str(tmp_path / "b")
+    shutil.copytree(base_bundle, b)
+    before = _snapshot(b)
+
+    def no_run(*a, **kw):
+        raise AssertionError("the statistics pass started")
+    monkeypatch.setattr(stats, "tapped_session", no_run)
+    monkeypatch.setattr("molmo_edge.calibration.calibrate.tapped_session", no_run)
+    monkeypatch.setattr(machine, "mem_available", lambda *a: 1 << 20)
+    with pytest.raises(CalibrationError, match=r"calibrate needs about .* GiB .* activations .* but 0\.0 GiB are available"):
+        calibrate_bundle(b, frames_dir, samples=4, holdout=1, e2e_frames=0, **QUIET)
+    with pytest.raises(CalibrationError, match=r"end-to-end answers would not fit: run with --e2e-frames 0"):
+        calibrate_bundle(b, frames_dir, samples=4, holdout=1, e2e_frames=1, **QUIET)
+    assert _snapshot(b) == before

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("torch")
 
 from molmo_edge.runtime.bundle import choose_graphs, load_bundle  # noqa: E402
-from molmo_edge.runtime.memory import GiB, InsufficientMemory, check_fits  # noqa: E402
+from molmo_edge.runtime.memory import InsufficientMemory, check_fits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=lambda *_: None)
