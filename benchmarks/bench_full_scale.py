@@ -95,44 +95,29 @@ def run_step(name: str, cmd: list[str], workdir: str, log, stdin_wait=None) -> d
     return rec
 
 
-# bytes one decode step reads (dense weights, top-k of the experts, the head) and this machine's read bandwidth
+# bytes one decode step reads (dense weights, top-k of the experts, the head, the KV cache) in the layout onnxruntime
+# holds them, and this machine's read bandwidth (a step only reads); the copy figure (read + write) for older tables
 ROOFLINE = """
-import json, os, sys, threading, time
-import numpy as np, onnx
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from bench_cpu import decode_step_bytes, read_bandwidth, stream_bandwidth
 from molmo_edge.runtime.bundle import load_bundle, choose_graphs
-b = load_bundle(sys.argv[1]); cfg = b.config
-c = choose_graphs(b.manifest, 'auto')
-m = onnx.load(b.graph_path(c.decoder), load_external_data=False)
-size = {1: 4, 10: 4, 7: 8, 6: 4, 2: 1, 3: 1}  # fp16 weights are held (and read) as float32 by onnxruntime
-n = 0
-for t in m.graph.initializer:
-    nb = int(np.prod(t.dims)) * size.get(t.data_type, 4) if t.dims else 4
-    if t.data_type == 10 and '_scales' in t.name:
-        nb //= 2  # fp16 MatMulNBits / QMoE scales stay fp16
-    if 'experts' in t.name:
-        nb = nb * cfg.moe_top_k // cfg.moe_num_experts  # a decode step reads only the routed experts
-    n += nb
 from molmo_edge.runtime.kv_cache import kv_dtype
-past = 780  # the KV one of bench's decode steps reads: the 640x480 frame's 763 prompt tokens + half of 32 decoded
-kv = 2 * cfg.n_layers * past * cfg.kv_dim * kv_dtype(b.manifest['graphs'][c.decoder]).itemsize
-n += kv
-src = np.ones(128 << 20, np.float32); dst = np.empty_like(src)
-parts = np.array_split(np.arange(src.size), os.cpu_count() or 1)
-def best_of(fn, moved):
-    best = 0.0
-    for _ in range(5):
-        ts = [threading.Thread(target=fn, args=(p[0], p[-1] + 1)) for p in parts]
-        t0 = time.perf_counter(); [x.start() for x in ts]; [x.join() for x in ts]
-        best = max(best, moved / (time.perf_counter() - t0))
-    return best
-# a decode step only reads: the roofline is its bytes over the read bandwidth (max over uint64 runs at the speed of
-# a hand-written AVX-512 read loop, measured). The copy figure (read + write bytes) is kept for older tables.
-read = best_of(lambda a, b: src.view(np.uint64)[a // 2:b // 2].max(), src.nbytes)
-copy = best_of(lambda a, b: np.copyto(dst[a:b], src[a:b]), 2 * src.nbytes)
-print(json.dumps({'decoder': c.decoder, 'decode_step_bytes': n, 'kv_bytes_at_past': kv, 'past': past,
+b = load_bundle(sys.argv[1]); c = choose_graphs(b.manifest, 'auto')
+past = int(sys.argv[3])
+n = decode_step_bytes(b.graph_path(c.decoder), b.config, past, kv_dtype(b.manifest['graphs'][c.decoder]).itemsize)
+read, copy = read_bandwidth(), stream_bandwidth()
+print(json.dumps({'decoder': c.decoder, 'decode_step_bytes': n['total'], 'kv_bytes_at_past': n['kv'], 'past': past,
                   'read_bandwidth_gbs': round(read / 1e9, 1), 'copy_bandwidth_gbs': round(copy / 1e9, 1),
-                  'roofline_tokens_per_s': round(read / n, 1), 'copy_roofline_tokens_per_s': round(copy / n, 1)}))
+                  'roofline_tokens_per_s': round(read / n['total'], 1), 'copy_roofline_tokens_per_s': round(copy / n['total'], 1)}))
 """
+# the KV a bench decode step reads: a 640x480 frame's 763 prompt tokens + half of bench's 32 decoded
+ROOFLINE_PAST = 780
+
+
+def roofline_cmd(py: list[str], bundle: str) -> list[str]:
+    return py + [ROOFLINE, bundle, os.path.dirname(os.path.abspath(__file__)), str(ROOFLINE_PAST)]
+
 
 
 # where a question's memory goes: RssAnon/RssFile after load, after vision, after the prefill, after decoding
@@ -292,7 +277,7 @@ def main() -> int:
                 run_step("first_answer_2crops", cli + ["ask", bundle, "--image", image, "Point to the cups.", "--max-crops", "2",
                                                        "--json", "--max-new-tokens", "16"], work, log)
             if "roofline" not in a.skip:
-                run_step("roofline", py + [ROOFLINE, bundle], work, log)
+                run_step("roofline", roofline_cmd(py, bundle), work, log)
             # the Orin-size INT4 decoder: block 64, fp16 scales, int8 head. From the float decoder by `quantize`
             # (replacing decoder.int4), or for 7B-D, whose bundle has no float decoder, straight from the checkpoint
             orin = ["--weights", "int4", "--block-size", "64", "--scales", "fp16", "--head", "int8"]
@@ -307,7 +292,7 @@ def main() -> int:
                                             "--max-new-tokens", "32"], work, log)
                 run_step("orin_plan", cli + ["plan", orin_bundle, "--device", "orin-nano-8gb", "--precision", "int4", "--json"],
                          work, log)
-                run_step("orin_roofline", py + [ROOFLINE, orin_bundle], work, log)
+                run_step("orin_roofline", roofline_cmd(py, orin_bundle), work, log)
             if "export_int4" not in a.skip and orin_bundle == bundle:  # straight to the quantized decoder, no float decoder
                 run_step("export_int4", direct, work, log)
     finally:

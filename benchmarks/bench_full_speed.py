@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_full_scale import ROOFLINE, du, finish, run_step  # noqa: E402
+from bench_full_scale import du, finish, roofline_cmd, run_step  # noqa: E402
 
 GiB = 2 ** 30
 NEEDS_GIB = 40
@@ -99,7 +99,7 @@ def main() -> int:
                 run_step(f"first_answer_{tag}", cli + [first[0], bundle] + first[1:], work, log)
                 run_step(f"first_answer_2crops_{tag}", cli + [first[0], bundle] + first[1:] + ["--max-crops", "2"], work, log)
 
-            run_step("roofline", py + [ROOFLINE, bundle], work, log)
+            run_step("roofline", roofline_cmd(py, bundle), work, log)
             measure("fp32_vision")
             run_step("calibrate", cli + ["calibrate", bundle, "--source", frames, "--samples", str(a.calib_samples),
                                          "--holdout", "4",
@@ -109,7 +109,7 @@ def main() -> int:
                 run_step(f"export_{tag}", export + ["-o", os.path.join(work, f"bundle-{tag}")] + opts, work, log)
             shutil.rmtree(ck, ignore_errors=True)
             for tag, b in [(t, os.path.join(work, f"bundle-{t}")) for t in flavours]:
-                run_step(f"roofline_{tag}", py + [ROOFLINE, b], work, log)
+                run_step(f"roofline_{tag}", roofline_cmd(py, b), work, log)
                 run_step(f"bench_{tag}", cli + [bench[0], b] + bench[1:] + ["--reduced-crops", "0"], work, log)
     finally:
         finish(work, a.keep, out, "full-speed")

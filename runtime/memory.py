@@ -7,7 +7,10 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
   anonymous memory, twice the bytes of an fp16 data file.
 - MatMulNBits weights (int4/int8 + scales) are prepacked to about their stored size.
 - The external data itself is memory-mapped (file pages, reclaimable) and released after prepacking: the fp16
-  files' pages are resident while their Cast is folded, during load, not while answering.
+  files' pages are resident while their Cast is folded, during load, not while answering. The exception: the
+  original scales of MatMulNBits and QMoE stay mapped (and resident, as they were read to repack) for the
+  session's life beside the repacked copy (full-size MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at
+  block 64, the size of its scales).
 - No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena.
 - The KV cache is allocated lazily (np.zeros): only the positions written become resident.
 """
@@ -55,8 +58,20 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu") -> int:
 
 def mapped_file_bytes(entry: dict[str, Any]) -> int:
     """File pages resident while the graph loads: the fp16 weights' external data (full-width MolmoE-1B vision,
-    0.55 GiB of fp16: VmHWM 0.49 GiB above RssAnon at the end of the load). Reclaimable, but counted in RSS."""
-    return int((entry.get("weight_bytes_by_dtype") or {}).get("float16", 0))
+    0.55 GiB of fp16: VmHWM 0.49 GiB above RssAnon at the end of the load). Reclaimable, but counted in RSS.
+    fp16 scales of a quantized graph are not among them: they stay (kept_file_bytes)."""
+    fp16 = int((entry.get("weight_bytes_by_dtype") or {}).get("float16", 0))
+    return fp16 - kept_file_bytes(entry) if entry.get("quantization", {}).get("scales") == "fp16" else fp16
+
+
+def kept_file_bytes(entry: dict[str, Any]) -> int:
+    """File pages a loaded graph keeps resident: a quantized graph's scales, as stored (see the module doc; the
+    graph's other floats of that dtype are norms, a few KB)."""
+    by_dtype = entry.get("weight_bytes_by_dtype") or {}
+    if "uint8" not in by_dtype:
+        return 0
+    scales = entry.get("quantization", {}).get("scales", "fp32")
+    return int(by_dtype.get("float16" if scales == "fp16" else "float32", 0))
 
 
 def _prompt_tokens(cfg) -> int:
@@ -88,6 +103,7 @@ class LoadEstimate:
     activations: dict[str, int]
     base: int = RUNTIME_BASE_BYTES
     mapped: int = 0                        # file pages of fp16 weights resident during load (reclaimable)
+    kept: int = 0                          # file pages resident while loaded: quantized graphs' scales (reclaimable)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -99,7 +115,7 @@ class LoadEstimate:
         """Expected peak RSS of a process that loads these graphs and answers one question: the load's file pages
         and a question's working memory are not resident at the same time."""
         a = self.activations
-        return self.base + self.weights + max(self.mapped, a["vision"], a["prefill"]) + a["kv_cache"]
+        return self.base + self.weights + self.kept + max(self.mapped, a["vision"], a["prefill"]) + a["kv_cache"]
 
     @property
     def working(self) -> int:
@@ -110,7 +126,8 @@ class LoadEstimate:
     def to_dict(self) -> dict[str, Any]:
         return {"graphs_gib": {k: round(v / GiB, 3) for k, v in self.graphs.items()},
                 "activations_gib": {k: round(v / GiB, 3) for k, v in self.activations.items()},
-                "runtime_gib": round(self.base / GiB, 3), "mapped_file_gib": round(self.mapped / GiB, 3), "total_gib": round(self.total / GiB, 3), "notes": self.notes}
+                "runtime_gib": round(self.base / GiB, 3), "mapped_file_gib": round(self.mapped / GiB, 3),
+                "kept_file_gib": round(self.kept / GiB, 3), "total_gib": round(self.total / GiB, 3), "notes": self.notes}
 
 
 def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device: str = "cpu") -> LoadEstimate:
@@ -119,7 +136,8 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     dec = entries.get(graphs.get("decoder"), {})
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
                        activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize),
-                       mapped=sum(mapped_file_bytes(entries[key]) for key in graphs.values()))
+                       mapped=sum(mapped_file_bytes(entries[key]) for key in graphs.values()),
+                       kept=sum(kept_file_bytes(entries[key]) for key in graphs.values()))
     for key in graphs.values():
         if entries[key].get("precision", {}).get("weights") == "fp16":
             est.notes.append(f"{key}: fp16 weights are held as float32 by onnxruntime (twice the file)")

@@ -83,6 +83,22 @@ def test_fp16_weights_are_estimated_as_held(bundle):
     assert resident_weight_bytes(g) >= 2 * g["weight_bytes_by_dtype"]["float16"]
 
 
+def test_quantized_scales_count_as_file_pages_kept_while_loaded():
+    """onnxruntime keeps a MatMulNBits/QMoE graph's original scales mapped beside the repacked copy (full-size
+    MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at block 64, measured): plan's peak counts them,
+    the guard does not (file pages are reclaimable), and fp16 scales are not also counted as load-time pages."""
+    from molmo_edge.runtime.memory import LoadEstimate, kept_file_bytes, mapped_file_bytes
+    by = {"uint8": 3000, "float32": 700, "float16": 20}
+    fp32 = {"weight_bytes_by_dtype": by, "quantization": {"scales": "fp32"}}
+    fp16 = {"weight_bytes_by_dtype": {"uint8": 3000, "float16": 370}, "quantization": {"scales": "fp16"}}
+    assert (kept_file_bytes(fp32), mapped_file_bytes(fp32)) == (700, 20)
+    assert (kept_file_bytes(fp16), mapped_file_bytes(fp16)) == (370, 0)
+    assert kept_file_bytes({"weight_bytes_by_dtype": {"float16": 500}}) == 0  # a float graph releases its pages
+    acts = {"vision": 0, "prefill": 0, "kv_cache": 0}
+    est, without = LoadEstimate({"d": 4000}, acts, kept=700), LoadEstimate({"d": 4000}, acts)
+    assert est.total - without.total == 700 and est.working == without.working
+
+
 def test_estimate_matches_measured_peak_rss(bundle, frame):
     """The estimate (what plan and the guard use) against a fresh process answering at the default crops."""
     # VmHWM, not ru_maxrss: a child forked from this (large) pytest process inherits the parent's maxrss
