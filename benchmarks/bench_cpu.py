@@ -66,11 +66,13 @@ _DTYPE_BYTES = {1: 4, 10: 4, 16: 4, 7: 8, 6: 4, 2: 1, 3: 1, 9: 1}  # float16/bfl
 def decode_step_bytes(model, cfg, past: int = 0, kv_itemsize: int = 4) -> dict[str, int]:
     """Bytes one decode step reads on onnxruntime's CPU provider, in the layout it holds them after load, not the
     file's (measured, onnxruntime 1.32): float16 weights are folded to float32; MatMulNBits and QMoE weights are
-    repacked by MLAS with a float32 scale and a float32 block sum per block (8 bytes a block, whatever the
-    scales' stored dtype; a 16384x4096 4-bit matrix holds 32 MiB of nibbles + 16 MiB at block 32). Of a MoE layer's
+    repacked by MLAS with a float32 scale and a float32 block sum per block (READ_BYTES_PER_BLOCK; a 16384x4096
+    4-bit matrix holds 32 MiB of nibbles + 16 MiB at block 32). Of a MoE layer's
     experts a step reads top_k of n_experts; of the RoPE tables one row. Plus the KV cache at `past` positions
     and the step's embedding row. model: an onnx.ModelProto (external data not loaded)."""
     import onnx
+
+    from molmo_edge.runtime.memory import READ_BYTES_PER_BLOCK
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(model, load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
@@ -78,7 +80,7 @@ def decode_step_bytes(model, cfg, past: int = 0, kv_itemsize: int = 4) -> dict[s
     packed, routed, one_row = {}, set(), set()
     for n in model.graph.node:
         for data, scales in _PACKED.get(n.op_type, {}).items():
-            packed[via_cast.get(n.input[scales], n.input[scales])] = 8
+            packed[via_cast.get(n.input[scales], n.input[scales])] = READ_BYTES_PER_BLOCK
             packed[via_cast.get(n.input[data], n.input[data])] = 1
             if n.op_type == "QMoE":
                 routed.update(via_cast.get(n.input[i], n.input[i]) for i in (data, scales))

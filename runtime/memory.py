@@ -5,12 +5,15 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
 - Float weights stored fp16 pass through a Cast that onnxruntime constant-folds at load, and MLAS
   prepacks every MatMul weight into its own buffer: a float graph holds its weights as float32 in
   anonymous memory, twice the bytes of an fp16 data file.
-- MatMulNBits weights (int4/int8 + scales) are prepacked to about their stored size.
+- MatMulNBits and QMoE weights (int4/int8 + scales) are repacked by MLAS: the nibbles, and per block a float32
+  scale and a float32 block sum, which a step reads; fp16-stored scales also keep a float32 copy
+  (HELD_BYTES_PER_BLOCK, measured on full-width 2-layer MolmoE-1B INT4 decoders: 729 MiB held for 522 MB of
+  nibbles + 118 MB of fp32 scales, 670 MiB for the same nibbles + 31 MB of fp16 scales at block 64).
 - The external data itself is memory-mapped (file pages, reclaimable) and released after prepacking: the fp16
-  files' pages are resident while their Cast is folded, during load, not while answering. The exception: the
-  original scales of MatMulNBits and QMoE stay mapped (and resident, as they were read to repack) for the
-  session's life beside the repacked copy (full-size MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at
-  block 64, the size of its scales).
+  files' pages are resident while their Cast is folded, during load, not while answering. The original scales of
+  MatMulNBits and QMoE stay mapped (and resident: they were read to repack) beside the repacked copy, never read
+  again (full-size MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at block 64); the backend drops those
+  pages after each graph's load (runtime.machine.drop_mapped_pages), so they too count only during load.
 - No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena.
 - The KV cache is allocated lazily (np.zeros): only the positions written become resident.
 """
@@ -30,6 +33,11 @@ RUNTIME_BASE_BYTES = 76 << 20
 USABLE_SHARE = 0.9
 
 
+# bytes per quantization block onnxruntime holds after repacking, by the scales' stored dtype, and reads a step
+HELD_BYTES_PER_BLOCK = {"fp32": 8, "fp16": 12}
+READ_BYTES_PER_BLOCK = 8
+
+
 class InsufficientMemory(MolmoEdgeError):
     """The graphs picked would not fit in the memory this machine has available."""
 
@@ -37,20 +45,20 @@ class InsufficientMemory(MolmoEdgeError):
 def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu") -> int:
     """Anonymous bytes a graph's weights occupy once onnxruntime has loaded it (see the module doc). The Cast
     of fp16 weights is folded by onnxruntime's graph optimizer whatever the provider, so CUDA holds float32
-    too. MatMulNBits at accuracy level 4 keeps a per-block sum beside each scale (measured at full size:
-    +0.78 GiB for MolmoE-1B's 0.78 GiB of fp32 scales), so a quantized graph's scales count twice."""
+    too. A quantized graph's scales are held at HELD_BYTES_PER_BLOCK a block (see the module doc)."""
     by_dtype = entry.get("weight_bytes_by_dtype")
     if by_dtype is None:  # bundles from before the breakdown: the stored precision says it
         stored = entry.get("precision", {}).get("weights", "fp32")
         return entry.get("data_bytes", 0) * (2 if stored == "fp16" else 1)
     quantized = "uint8" in by_dtype
     scales = entry.get("quantization", {}).get("scales", "fp32") if quantized else None
+    scale_dtype = {"fp16": "float16", "fp32": "float32"}.get(scales)
     out = 0
     for dtype, n in by_dtype.items():
-        if dtype == "float16":
-            out += 2 * n  # folded to float32 (fp16 scales of MatMulNBits: kept, plus their block sums)
-        elif dtype == "float32" and quantized and scales == "fp32":
-            out += 2 * n
+        if dtype == scale_dtype:  # the graph's other floats of this dtype are norms, a few KB
+            out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[scales]
+        elif dtype == "float16":
+            out += 2 * n  # folded to float32
         else:
             out += n
     return out
@@ -65,8 +73,8 @@ def mapped_file_bytes(entry: dict[str, Any]) -> int:
 
 
 def kept_file_bytes(entry: dict[str, Any]) -> int:
-    """File pages a loaded graph keeps resident: a quantized graph's scales, as stored (see the module doc; the
-    graph's other floats of that dtype are norms, a few KB)."""
+    """File pages onnxruntime keeps resident after loading a graph: a quantized graph's scales, as stored (see the
+    module doc; the graph's other floats of that dtype are norms, a few KB)."""
     by_dtype = entry.get("weight_bytes_by_dtype") or {}
     if "uint8" not in by_dtype:
         return 0
@@ -102,8 +110,7 @@ class LoadEstimate:
     graphs: dict[str, int]                 # graph key -> resident (anonymous) weight bytes
     activations: dict[str, int]
     base: int = RUNTIME_BASE_BYTES
-    mapped: int = 0                        # file pages of fp16 weights resident during load (reclaimable)
-    kept: int = 0                          # file pages resident while loaded: quantized graphs' scales (reclaimable)
+    mapped: int = 0                        # file pages resident at the end of a graph's load (reclaimable)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -115,7 +122,7 @@ class LoadEstimate:
         """Expected peak RSS of a process that loads these graphs and answers one question: the load's file pages
         and a question's working memory are not resident at the same time."""
         a = self.activations
-        return self.base + self.weights + self.kept + max(self.mapped, a["vision"], a["prefill"]) + a["kv_cache"]
+        return self.base + self.weights + max(self.mapped, a["vision"], a["prefill"]) + a["kv_cache"]
 
     @property
     def working(self) -> int:
@@ -126,8 +133,7 @@ class LoadEstimate:
     def to_dict(self) -> dict[str, Any]:
         return {"graphs_gib": {k: round(v / GiB, 3) for k, v in self.graphs.items()},
                 "activations_gib": {k: round(v / GiB, 3) for k, v in self.activations.items()},
-                "runtime_gib": round(self.base / GiB, 3), "mapped_file_gib": round(self.mapped / GiB, 3),
-                "kept_file_gib": round(self.kept / GiB, 3), "total_gib": round(self.total / GiB, 3), "notes": self.notes}
+                "runtime_gib": round(self.base / GiB, 3), "mapped_file_gib": round(self.mapped / GiB, 3), "total_gib": round(self.total / GiB, 3), "notes": self.notes}
 
 
 def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device: str = "cpu") -> LoadEstimate:
@@ -136,8 +142,8 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     dec = entries.get(graphs.get("decoder"), {})
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
                        activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize),
-                       mapped=sum(mapped_file_bytes(entries[key]) for key in graphs.values()),
-                       kept=sum(kept_file_bytes(entries[key]) for key in graphs.values()))
+                       # graphs load one after the other, each one's pages released or dropped after its load
+                       mapped=max(mapped_file_bytes(entries[k]) + kept_file_bytes(entries[k]) for k in graphs.values()))
     for key in graphs.values():
         if entries[key].get("precision", {}).get("weights") == "fp16":
             est.notes.append(f"{key}: fp16 weights are held as float32 by onnxruntime (twice the file)")

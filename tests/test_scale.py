@@ -83,20 +83,58 @@ def test_fp16_weights_are_estimated_as_held(bundle):
     assert resident_weight_bytes(g) >= 2 * g["weight_bytes_by_dtype"]["float16"]
 
 
-def test_quantized_scales_count_as_file_pages_kept_while_loaded():
-    """onnxruntime keeps a MatMulNBits/QMoE graph's original scales mapped beside the repacked copy (full-size
-    MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at block 64, measured): plan's peak counts them,
-    the guard does not (file pages are reclaimable), and fp16 scales are not also counted as load-time pages."""
-    from molmo_edge.runtime.memory import LoadEstimate, kept_file_bytes, mapped_file_bytes
-    by = {"uint8": 3000, "float32": 700, "float16": 20}
-    fp32 = {"weight_bytes_by_dtype": by, "quantization": {"scales": "fp32"}}
+def test_quantized_scales_count_as_file_pages_while_loading():
+    """onnxruntime keeps a MatMulNBits/QMoE graph's original scales mapped and resident after its load (full-size
+    MolmoE-1B INT4: 0.84 GiB at block 32, measured) until the backend drops them: the estimate's load-time file
+    pages are the largest graph's fp16 weights plus scales, fp16 scales not counted twice."""
+    from molmo_edge.runtime.memory import kept_file_bytes, mapped_file_bytes
+    fp32 = {"weight_bytes_by_dtype": {"uint8": 3000, "float32": 700, "float16": 20}, "quantization": {"scales": "fp32"}}
     fp16 = {"weight_bytes_by_dtype": {"uint8": 3000, "float16": 370}, "quantization": {"scales": "fp16"}}
     assert (kept_file_bytes(fp32), mapped_file_bytes(fp32)) == (700, 20)
     assert (kept_file_bytes(fp16), mapped_file_bytes(fp16)) == (370, 0)
     assert kept_file_bytes({"weight_bytes_by_dtype": {"float16": 500}}) == 0  # a float graph releases its pages
-    acts = {"vision": 0, "prefill": 0, "kv_cache": 0}
-    est, without = LoadEstimate({"d": 4000}, acts, kept=700), LoadEstimate({"d": 4000}, acts)
-    assert est.total - without.total == 700 and est.working == without.working
+
+
+def test_loaded_quantized_graph_holds_no_file_pages_of_its_scales(bundle, tmp_path):
+    """After the backend's load, none of a quantized decoder's scales stay resident as file pages, and its logits
+    are the same as before the pages were dropped."""
+    import shutil
+
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
+    from molmo_edge.runtime.backends import ort as ob
+    from molmo_edge.runtime.machine import drop_mapped_pages
+    q = str(tmp_path / "q")
+    shutil.copytree(bundle, q)
+    quantize_decoder_weights(q, 4, 32)
+    b = load_bundle(q)
+    data = b.path(b.manifest["graphs"]["decoder.int4"]["data"])
+
+    def resident_kib() -> int:  # of the decoder's data file, in this process
+        out, mine = 0, False
+        for line in open("/proc/self/smaps"):
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                mine = len(parts) >= 6 and os.path.realpath(" ".join(parts[5:])) == os.path.realpath(data)
+            elif mine and parts[0] == "Rss:":
+                out += int(parts[1])
+        return out
+
+    keep = ob.drop_mapped_pages
+    ob.drop_mapped_pages = lambda paths: 0
+    try:
+        be = ob.OrtBackend(b, precision="int4")
+    finally:
+        ob.drop_mapped_pages = keep
+    x = np.random.default_rng(0).standard_normal((1, 7, b.config.d_model)).astype(np.float32)
+
+    def logits():
+        return be.run_decoder(x, np.arange(7)[None], be.new_cache(16), np.array([6])).copy()
+    before, held = logits(), resident_kib()
+    assert held > 0 and drop_mapped_pages([data]) > 0 and resident_kib() == 0
+    np.testing.assert_array_equal(logits(), before)
+    assert resident_kib() == 0  # the kernels never read the originals again
+    again = ob.OrtBackend(b, precision="int4")  # the backend drops them itself
+    assert resident_kib() == 0 and again.choice.decoder == "decoder.int4"
 
 
 def test_estimate_matches_measured_peak_rss(bundle, frame):

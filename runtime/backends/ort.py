@@ -9,7 +9,7 @@ import numpy as np
 from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_graphs
 from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.kv_cache import SHARED, KVCache, kv_dtype, kv_layout
-from molmo_edge.runtime.machine import int8_pairs_saturate
+from molmo_edge.runtime.machine import drop_mapped_pages, int8_pairs_saturate
 
 
 def default_providers() -> list[str]:
@@ -72,6 +72,10 @@ class OrtBackend:
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{os.path.basename(path)} cannot be loaded by onnxruntime ({first}); the file is "
                                   "damaged or from another version: re-export the bundle") from None
+            # the original scales of a quantized graph stay mapped and resident, never read again (runtime.memory)
+            data = bundle.manifest["graphs"][key].get("data")
+            if data:
+                drop_mapped_pages([bundle.path(data)])
         self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["decoder"].get_providers() else "cpu"
         entry = bundle.manifest["graphs"][self.graphs["decoder"]]
         self.kv_layout = kv_layout(entry)

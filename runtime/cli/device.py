@@ -151,8 +151,7 @@ def _plan_here(a: argparse.Namespace) -> int:
         lines += [f"  {k + ' (working memory)':<40} {v:8.2f} GiB" for k, v in d["estimate"]["activations_gib"].items()]
         e = d["estimate"]
         lines += [f"  {'python + onnxruntime':<40} {e['runtime_gib']:8.2f} GiB",
-                  f"  {'file pages: fp16 weights while loading':<40} {e['mapped_file_gib']:8.2f} GiB",
-                  f"  {'file pages: quantized scales, kept':<40} {e['kept_file_gib']:8.2f} GiB",
+                  f"  {'file pages while loading':<40} {e['mapped_file_gib']:8.2f} GiB",
                   f"  {'expected peak RSS':<40} {e['total_gib']:8.2f} GiB (file pages are reclaimable: "
                   f"{est.working / GiB:.2f} GiB must fit)",
                   ("FITS" if d["fits"] else "DOES NOT FIT") + f": {d['available_gib']:.2f} GiB available"]
