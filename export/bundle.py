@@ -205,24 +205,32 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
     digest = hashlib.sha256()
     seen: set[str] = set()
 
-    def get(name: str) -> np.ndarray:
-        t = source[name]
+    def get(name: str, rows: slice | None = None) -> np.ndarray:
+        t = source[name] if rows is None else source[name][rows]
         arr = t.float().numpy() if hasattr(t, "float") else np.asarray(t, np.float32)  # no copy for fp32 tensors
         if name not in seen:  # hash every checkpoint tensor once, by name and value (from its own buffer)
-            seen.add(name)
             digest.update(name.encode())
+        if name not in seen or rows is not None:  # row blocks come in order: the same digest as the whole
             digest.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        seen.add(name)
         return arr
+
+    def copy_rows(name: str, into: np.ndarray, step: int = 8192) -> None:
+        """Copy a [rows, d] checkpoint tensor into `into` a block of rows at a time: an fp16/bf16 source becomes
+        float32 one block at a time, not whole (Molmo-7B-D's 152,064-row table: 2.2 GB at once)."""
+        for i in range(0, len(into), step):
+            into[i:i + step] = get(name, slice(i, i + step))
 
     wdtype = np.float16 if dtype == "fp16" else np.float32
     # token embeddings: base rows then the additional (new_embedding) rows
-    base, extra = get("model.transformer.wte.embedding"), get("model.transformer.wte.new_embedding")
+    base, extra = "model.transformer.wte.embedding", "model.transformer.wte.new_embedding"
+    n_base = source[base].shape[0]
     emb = np.lib.format.open_memmap(os.path.join(tmp, "embeddings.npy"), mode="w+", dtype=wdtype,
-                                    shape=(base.shape[0] + extra.shape[0], cfg.d_model))
-    emb[: base.shape[0]] = base
-    emb[base.shape[0]:] = extra
+                                    shape=(n_base + source[extra].shape[0], cfg.d_model))
+    copy_rows(base, emb[:n_base])
+    copy_rows(extra, emb[n_base:])
     emb.flush()
-    del emb, base, extra
+    del emb
 
     if cfg.is_molmo2:
         from molmo_edge.export.molmo2_graphs import build_molmo2_vision as vision_graph
