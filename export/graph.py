@@ -120,7 +120,7 @@ class GraphBuilder:
         if q is not None and q.wants(name + ".weight"):
             k, n = w.shape[1], w.shape[0]
             bits = q.bits_for(name + ".weight")
-            packed, scales = q.quantize(np.asarray(w, np.float32).T, name + ".weight")
+            packed, scales = q.quantize(np.asarray(w).T, name + ".weight")  # converted to float32 a slice at a time
             bn, sn = self.raw(name + f".weight.q{bits}", packed), self.raw(name + f".weight.q{bits}_scales", scales)
             self.quantized.append(name + ".weight")
             def matmul(a: str) -> str:
