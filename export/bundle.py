@@ -201,6 +201,9 @@ def _write_graph(folder: str, name: str, build, cfg, get, wdtype, opset: int, pr
     return info
 
 
+ROW_BLOCK = 8192  # rows of a vocabulary-sized checkpoint tensor converted to float32 at a time
+
+
 def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress, decoders) -> dict:
     digest = hashlib.sha256()
     seen: set[str] = set()
@@ -216,10 +219,8 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
             # the head stays fp16 (a view of the mapped file): the writer converts it a slice at a time (the
             # quantizer's columns, or the fp16 store) instead of 2.2 GB of float32 at once for Molmo-7B-D
             if name not in seen:
-                digest.update(name.encode())
-                for i in range(0, t.shape[0], 8192):  # the same digest as hashing the float32 whole
-                    digest.update(memoryview(np.ascontiguousarray(f32(t[i:i + 8192]))).cast("B"))
-                seen.add(name)
+                for i in range(0, t.shape[0], ROW_BLOCK):  # hashed a block of rows at a time: the same digest
+                    get(name, slice(i, i + ROW_BLOCK))
             return t.numpy() if hasattr(t, "numpy") else t
         arr = f32(t)
         if name not in seen:  # hash every checkpoint tensor once, by name and value (from its own buffer)
@@ -229,11 +230,11 @@ def _write(tmp: str, folder: str, cfg, source, dtype: str, opset: int, progress,
         seen.add(name)
         return arr
 
-    def copy_rows(name: str, into: np.ndarray, step: int = 8192) -> None:
+    def copy_rows(name: str, into: np.ndarray) -> None:
         """Copy a [rows, d] checkpoint tensor into `into` a block of rows at a time: an fp16/bf16 source becomes
         float32 one block at a time, not whole (Molmo-7B-D's 152,064-row table: 2.2 GB at once)."""
-        for i in range(0, len(into), step):
-            into[i:i + step] = get(name, slice(i, i + step))
+        for i in range(0, len(into), ROW_BLOCK):
+            into[i:i + ROW_BLOCK] = get(name, slice(i, i + ROW_BLOCK))
 
     wdtype = np.float16 if dtype == "fp16" else np.float32
     # token embeddings: base rows then the additional (new_embedding) rows

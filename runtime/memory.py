@@ -50,13 +50,11 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu") -> int:
     if by_dtype is None:  # bundles from before the breakdown: the stored precision says it
         stored = entry.get("precision", {}).get("weights", "fp32")
         return entry.get("data_bytes", 0) * (2 if stored == "fp16" else 1)
-    quantized = "uint8" in by_dtype
-    scales = entry.get("quantization", {}).get("scales", "fp32") if quantized else None
-    scale_dtype = {"fp16": "float16", "fp32": "float32"}.get(scales)
+    scale_dtype = _scales_dtype(entry)
     out = 0
     for dtype, n in by_dtype.items():
         if dtype == scale_dtype:  # the graph's other floats of this dtype are norms, a few KB
-            out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[scales]
+            out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[entry["quantization"]["scales"]]
         elif dtype == "float16":
             out += 2 * n  # folded to float32
         else:
@@ -64,22 +62,26 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu") -> int:
     return out
 
 
+def _scales_dtype(entry: dict[str, Any]) -> str | None:
+    """The dtype ("float32"/"float16") a quantized graph's scales are stored in; None for a float graph."""
+    if "uint8" not in (entry.get("weight_bytes_by_dtype") or {}):
+        return None
+    return "float16" if entry.get("quantization", {}).get("scales", "fp32") == "fp16" else "float32"
+
+
 def mapped_file_bytes(entry: dict[str, Any]) -> int:
     """File pages resident while the graph loads: the fp16 weights' external data (full-width MolmoE-1B vision,
     0.55 GiB of fp16: VmHWM 0.49 GiB above RssAnon at the end of the load). Reclaimable, but counted in RSS.
     fp16 scales of a quantized graph are not among them: they stay (kept_file_bytes)."""
     fp16 = int((entry.get("weight_bytes_by_dtype") or {}).get("float16", 0))
-    return fp16 - kept_file_bytes(entry) if entry.get("quantization", {}).get("scales") == "fp16" else fp16
+    return fp16 - kept_file_bytes(entry) if _scales_dtype(entry) == "float16" else fp16
 
 
 def kept_file_bytes(entry: dict[str, Any]) -> int:
     """File pages onnxruntime keeps resident after loading a graph: a quantized graph's scales, as stored (see the
     module doc; the graph's other floats of that dtype are norms, a few KB)."""
-    by_dtype = entry.get("weight_bytes_by_dtype") or {}
-    if "uint8" not in by_dtype:
-        return 0
-    scales = entry.get("quantization", {}).get("scales", "fp32")
-    return int(by_dtype.get("float16" if scales == "fp16" else "float32", 0))
+    dtype = _scales_dtype(entry)
+    return int(entry["weight_bytes_by_dtype"].get(dtype, 0)) if dtype else 0
 
 
 def _prompt_tokens(cfg) -> int:
@@ -130,6 +132,10 @@ class LoadEstimate:
         a = self.activations
         return self.weights + max(a["vision"], a["prefill"]) + a["kv_cache"]
 
+    def fits(self, available: int) -> bool:
+        """The guard's rule: the working set within USABLE_SHARE of `available` (file pages are reclaimable)."""
+        return self.working <= int(available * USABLE_SHARE)
+
     def to_dict(self) -> dict[str, Any]:
         return {"graphs_gib": {k: round(v / GiB, 3) for k, v in self.graphs.items()},
                 "activations_gib": {k: round(v / GiB, 3) for k, v in self.activations.items()},
@@ -171,7 +177,7 @@ def check_fits(manifest: dict[str, Any], cfg, graphs: dict[str, str], name: str,
     est = estimate_load(manifest, cfg, graphs, device)
     avail = machine.mem_available() if available is None else available
     usable = int(avail * USABLE_SHARE)
-    if device == "cpu" and est.working > usable:  # file pages are reclaimable
+    if device == "cpu" and not est.fits(avail):
         parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in est.graphs.items())
         raise InsufficientMemory(
             f"{name} needs about {est.working / GiB:.1f} GiB to load and answer ({parts} GiB of weights"

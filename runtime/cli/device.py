@@ -132,7 +132,7 @@ def _plan_here(a: argparse.Namespace) -> int:
     estimate, the one its memory guard uses) against MemAvailable."""
     from molmo_edge.runtime.bundle import choose_graphs, load_bundle
     from molmo_edge.runtime.machine import mem_available
-    from molmo_edge.runtime.memory import USABLE_SHARE, GiB, estimate_load
+    from molmo_edge.runtime.memory import GiB, estimate_load
     b = load_bundle(a.bundle)
     # plan's own default (fp16, a TensorRT engine precision) means "what ask would run": auto
     precision = {"fp16": "auto"}.get(a.precision, a.precision)
@@ -140,9 +140,7 @@ def _plan_here(a: argparse.Namespace) -> int:
     est = estimate_load(b.manifest, b.config, {"vision": c.vision, "decoder": c.decoder})
     avail = mem_available()
     d = {"device": "cpu (this machine, onnxruntime)", "graphs": {"vision": c.vision, "decoder": c.decoder},
-         "estimate": est.to_dict(), "available_gib": round(avail / GiB, 2),
-         # the guard's rule: file pages in the peak are reclaimable, so what must fit is the working set
-         "fits": est.working <= int(avail * USABLE_SHARE)}
+         "estimate": est.to_dict(), "available_gib": round(avail / GiB, 2), "fits": est.fits(avail)}
     if a.json:
         print(json.dumps(d, indent=2))
     else:
