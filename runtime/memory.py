@@ -12,9 +12,11 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
 - The external data itself is memory-mapped (file pages, reclaimable) and released after prepacking: the fp16
   files' pages are resident while their Cast is folded, during load, not while answering. The original scales of
   MatMulNBits and QMoE stay mapped (and resident: they were read to repack) beside the repacked copy, never read
-  again (full-size MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at block 64); the backend drops those
-  pages after each graph's load (runtime.machine.drop_mapped_pages), so they too count only during load.
+  again (full-size MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at block 64); the backend pages them
+  out while the graph loads (runtime.machine.paging_out) and drops what is left after it (drop_mapped_pages), so
+  they are not counted (a full-width 2-layer MolmoE-1B INT4: load VmHWM 0.998 -> 0.90 GiB, its scales 0.11).
 - No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena.
+- The vision graph runs VISION_CROPS_PER_RUN crops at a time: its working memory is that many crops'.
 - The KV cache is allocated lazily (np.zeros): only the positions written become resident.
 """
 from __future__ import annotations
@@ -29,6 +31,10 @@ GiB = 2 ** 30
 # Peak RSS of a Python process with the runtime, onnxruntime, tokenizer and numpy loaded and a tiny bundle
 # open, before its first question (measured on this project's CPU box: 74-76 MiB).
 RUNTIME_BASE_BYTES = 76 << 20
+# Crops per vision run on onnxruntime (backends/ort.py). Full-width MolmoE-1B INT8 vision, 7 crops, fresh process:
+# +0.57 GiB of working memory all at once, +0.22 two at a time, +0.12 one at a time; the features bit for bit the
+# same, the time the same within noise (fp32 vision likewise: +0.60 GiB at 7).
+VISION_CROPS_PER_RUN = 2
 # Share of MemAvailable a load may plan to use: the rest is for the page cache and other processes.
 USABLE_SHARE = 0.9
 
@@ -72,14 +78,14 @@ def _scales_dtype(entry: dict[str, Any]) -> str | None:
 def mapped_file_bytes(entry: dict[str, Any]) -> int:
     """File pages resident while the graph loads: the fp16 weights' external data (full-width MolmoE-1B vision,
     0.55 GiB of fp16: VmHWM 0.49 GiB above RssAnon at the end of the load). Reclaimable, but counted in RSS.
-    fp16 scales of a quantized graph are not among them: they stay (kept_file_bytes)."""
+    fp16 scales of a quantized graph are not among them: they are paged out at load (kept_file_bytes)."""
     fp16 = int((entry.get("weight_bytes_by_dtype") or {}).get("float16", 0))
     return fp16 - kept_file_bytes(entry) if _scales_dtype(entry) == "float16" else fp16
 
 
 def kept_file_bytes(entry: dict[str, Any]) -> int:
-    """File pages onnxruntime keeps resident after loading a graph: a quantized graph's scales, as stored (see the
-    module doc; the graph's other floats of that dtype are norms, a few KB)."""
+    """File pages onnxruntime keeps mapped after loading a graph: a quantized graph's scales, as stored (see the
+    module doc; the graph's other floats of that dtype are norms, a few KB). The backend pages them out."""
     dtype = _scales_dtype(entry)
     return int(entry["weight_bytes_by_dtype"].get(dtype, 0)) if dtype else 0
 
@@ -91,18 +97,20 @@ def _prompt_tokens(cfg) -> int:
 
 
 def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_item: int = 4) -> dict[str, int]:
-    """Peak working memory of a question at the default crops: vision, prefill, and the KV cache it fills.
+    """Peak working memory of a question at the default crops: vision (VISION_CROPS_PER_RUN crops at a time),
+    prefill, and the KV cache it fills.
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
-    keeps alive at once without its arena (fitted on a tiny bundle, whose peak varies 177-216 MiB run to run,
-    and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in the ViT, 5 in the portable decoder;
+    keeps alive at once without its arena (fitted on a tiny bundle, peak 156-170 MiB run to run with freed blocks
+    returned (machine.return_freed_memory), and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in
+    the ViT, 4 in the portable decoder;
     GroupQueryAttention (the fused layout: decoder.fused, `export --weights`) never materialises them.
     kv_item: bytes per cached K/V value (2 for the fp16 cache of fused fp16 and quantized decoders)."""
     v = cfg.vision
-    n = cfg.preprocess.max_crops + 1
+    n = min(cfg.preprocess.max_crops + 1, VISION_CROPS_PER_RUN)
     vision = 4 * n * v.num_pos * (3 * v.width + v.mlp_dim) + 3 * 4 * n * v.heads * v.num_pos * v.num_pos
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
-    prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 5 * 4 * cfg.n_heads * t * t)
+    prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 4 * 4 * cfg.n_heads * t * t)
     kv = 2 * cfg.n_layers * (t + max_new_tokens) * cfg.kv_dim * kv_item
     return {"vision": int(vision), "prefill": int(prefill), "kv_cache": int(kv)}
 
@@ -148,8 +156,8 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     dec = entries.get(graphs.get("decoder"), {})
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
                        activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize),
-                       # graphs load one after the other, each one's pages released or dropped after its load
-                       mapped=max(mapped_file_bytes(entries[k]) + kept_file_bytes(entries[k]) for k in graphs.values()))
+                       # graphs load one after the other, each one's pages released, paged out or dropped by its end
+                       mapped=max(mapped_file_bytes(entries[k]) for k in graphs.values()))
     for key in graphs.values():
         if entries[key].get("precision", {}).get("weights") == "fp16":
             est.notes.append(f"{key}: fp16 weights are held as float32 by onnxruntime (twice the file)")

@@ -9,7 +9,9 @@ import numpy as np
 from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_graphs
 from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.kv_cache import SHARED, KVCache, kv_dtype, kv_layout
-from molmo_edge.runtime.machine import drop_mapped_pages, int8_pairs_saturate
+from molmo_edge.runtime.machine import drop_mapped_pages, int8_pairs_saturate, paging_out, return_freed_memory
+from molmo_edge.runtime.memory import VISION_CROPS_PER_RUN
+from molmo_edge.runtime.onnx_index import load_only_ranges
 
 
 def default_providers() -> list[str]:
@@ -57,6 +59,7 @@ class OrtBackend:
         self.cfg = bundle.config
         self.providers = providers or default_providers()
         opts = session_options(threads)
+        return_freed_memory()  # no arena: freed activations go back to the system (runtime.memory)
         self._ort = ort
         self.sessions = {}
         if choice is None:
@@ -66,8 +69,9 @@ class OrtBackend:
         self.precision = choice.precision
         for name, key in self.graphs.items():
             path = bundle.graph_path(key)
-            try:
-                self.sessions[name] = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
+            try:  # what the load reads only once is paged out while it runs, the rest dropped after it
+                with paging_out(load_only_ranges(path)):
+                    self.sessions[name] = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types; keep the first line
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{os.path.basename(path)} cannot be loaded by onnxruntime ({first}); the file is "
@@ -88,8 +92,14 @@ class OrtBackend:
         self._takes_token_types = any(i.name == "token_types" for i in self.sessions["decoder"].get_inputs())
 
     def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(["image_features"], {"images": np.ascontiguousarray(images, np.float32),
-                                                                "image_masks": np.ascontiguousarray(image_masks, np.float32)})[0]
+        """Features of crops [N, 576, 588], VISION_CROPS_PER_RUN crops a run: each crop's features depend on that
+        crop alone (bit for bit the same as all at once), and the working memory is the run's."""
+        images = np.ascontiguousarray(images, np.float32)
+        image_masks = np.ascontiguousarray(image_masks, np.float32)
+        runs = [self.sessions["vision"].run(["image_features"], {"images": images[i:i + VISION_CROPS_PER_RUN],
+                                                                 "image_masks": image_masks[i:i + VISION_CROPS_PER_RUN]})[0]
+                for i in range(0, max(len(images), 1), VISION_CROPS_PER_RUN)]
+        return runs[0] if len(runs) == 1 else np.concatenate(runs)
 
     def vision_pooled(self, pixel_values: np.ndarray, pooling: np.ndarray) -> np.ndarray:
         """Molmo2: crops [N, 729, 588] + pooling index [M, k] (-1 = empty) -> features [M, d]."""
