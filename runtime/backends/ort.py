@@ -92,13 +92,14 @@ class OrtBackend:
         self._takes_token_types = any(i.name == "token_types" for i in self.sessions["decoder"].get_inputs())
 
     def vision(self, images: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
-        """Features of crops [N, 576, 588], VISION_CROPS_PER_RUN crops a run: each crop's features depend on that
-        crop alone (bit for bit the same as all at once), and the working memory is the run's."""
+        """Features of crops [N, 576, 588]; on CPU VISION_CROPS_PER_RUN crops a run: each crop's features depend on
+        that crop alone (bit for bit the same as all at once), and the working memory is the run's."""
         images = np.ascontiguousarray(images, np.float32)
         image_masks = np.ascontiguousarray(image_masks, np.float32)
-        runs = [self.sessions["vision"].run(["image_features"], {"images": images[i:i + VISION_CROPS_PER_RUN],
-                                                                 "image_masks": image_masks[i:i + VISION_CROPS_PER_RUN]})[0]
-                for i in range(0, max(len(images), 1), VISION_CROPS_PER_RUN)]
+        k = VISION_CROPS_PER_RUN if self.device == "cpu" else max(len(images), 1)
+        runs = [self.sessions["vision"].run(["image_features"], {"images": images[i:i + k],
+                                                                 "image_masks": image_masks[i:i + k]})[0]
+                for i in range(0, max(len(images), 1), k)]
         return runs[0] if len(runs) == 1 else np.concatenate(runs)
 
     def vision_pooled(self, pixel_values: np.ndarray, pooling: np.ndarray) -> np.ndarray:
