@@ -205,7 +205,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a dry run of the script)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundle")
     ap.add_argument("--out", default=None, help="JSON lines of every step (default benchmarks/results/full_scale_FAMILY.jsonl)")
-    ap.add_argument("--skip", action="append", default=[], help="step to skip (export, quantize, ask, ask_video, serve, "
+    ap.add_argument("--skip", action="append", default=[], help="step to skip (checkpoint: with a kept bundle, export, quantize, ask, ask_video, serve, "
                     "bench, plan, plan_devices, guard, plan_cpu, memory_profile, first_answer_2crops, roofline, orin, export_int4)")
     ap.add_argument("--tiny", action="store_true", help="the family's tiny test widths (a seconds-long check of this script)")
     ap.add_argument("--with-serve", action="store_true", help="Molmo2: run the serve step too")
@@ -237,7 +237,7 @@ def main() -> int:
             make = (f"from molmo_edge.export.synthetic import make_random_checkpoint; "
                     f"make_random_checkpoint({ck!r}, {a.family!r}, size={'tiny' if a.tiny else 'full'!r}, n_layers={a.layers!r}, "
                     f"{'' if a.tiny else vocab}fmt={fmt!r}, dtype={dtype!r}, shard_bytes=4 << 30)")
-            if not os.path.exists(os.path.join(ck, "config.json")):
+            if not os.path.exists(os.path.join(ck, "config.json")) and "checkpoint" not in a.skip:
                 run_step("checkpoint", py + [make], work, log)
             import cv2
 

@@ -51,12 +51,9 @@ def _graph_entry(base: dict[str, Any], folder: str, file: str, extra: dict[str, 
 
 
 def _vision_session(path: str, threads: int | None = None):
-    import onnxruntime as ort
-
-    from molmo_edge.runtime.backends.ort import session_options
-    opts = session_options(threads)
+    from molmo_edge.runtime.backends.ort import open_session
     try:
-        return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        return open_session(path, threads=threads)
     except Exception as e:  # onnxruntime's own exception types
         raise CalibrationError(f"onnxruntime cannot load the Q/DQ graph {os.path.basename(path)} "
                                f"({str(e).strip().splitlines()[0][:200]}); please report this with the bundle's manifest.json") from None

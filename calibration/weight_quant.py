@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from molmo_edge.runtime.backends.ort import session_options
+from molmo_edge.runtime.backends.ort import open_session
 from molmo_edge.runtime.external_data import ExternalDataWriter, external_tensor, tensor_proto
 from molmo_edge.runtime.kv_cache import first_pass_feeds, kv_dtype, kv_layout
 from molmo_edge.runtime.machine import mem_available, return_large_frees
@@ -429,7 +429,6 @@ def quantize_graph(src: str, dst: str, q: BlockQuantizer, lm_head: str, progress
 
 def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]:
     """Logits of the quantized decoder vs the fp32 one on `positions` real token embeddings."""
-    import onnxruntime as ort
     cfg = bundle.config
     emb = bundle.embeddings()
     rng = np.random.default_rng(0)
@@ -441,7 +440,7 @@ def _check(bundle, key: str, ref_key: str, positions: int = 8) -> dict[str, Any]
         feeds["token_types"] = np.zeros((1, positions), np.int64)
     out = {}
     for k in (ref_key, key):
-        sess = ort.InferenceSession(bundle.graph_path(k), sess_options=session_options(), providers=["CPUExecutionProvider"])
+        sess = open_session(bundle.graph_path(k))
         out[k] = sess.run(["logits"], feeds)[0][0].astype(np.float64)
         del sess
     a, b = out[ref_key], out[key]

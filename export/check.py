@@ -108,11 +108,9 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
 
 
-def _session(path: str):
-    import onnxruntime as ort
-
-    from molmo_edge.runtime.backends.ort import session_options
-    return ort.InferenceSession(path, sess_options=session_options(), providers=["CPUExecutionProvider"])  # the runtime's
+def _session(path: str, vision: bool = False):
+    from molmo_edge.runtime.backends.ort import open_session
+    return open_session(path, cast_weights_per_run=vision)  # as the runtime opens it
 
 
 def _one_layer_graph(folder: str, build, cfg, get, i: int, wdtype, opset: int, quantizer, head: bool) -> str:
@@ -186,7 +184,7 @@ def self_check(bundle_dir: str, cfg, source: Mapping, flavours: dict[str, tuple[
         vis = _part(cfg, {k: source[k].float() for k in _vision_names(cfg)}, "vision.", lambda: VisionEncoder(cfg))
         feats_src = vis(torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["image_masks"])).numpy()
         del vis
-    sess = _session(os.path.join(bundle_dir, "vision.onnx"))
+    sess = _session(os.path.join(bundle_dir, "vision.onnx"), vision=True)
     feats_graph = sess.run(["image_features"], {"images": inputs["images"], "image_masks": inputs["image_masks"]})[0]
     del sess
     verr = _rel(feats_graph, feats_held)

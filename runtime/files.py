@@ -37,11 +37,23 @@ def numel(shape: Sequence[int]) -> int:
     return int(math.prod(int(d) for d in shape))
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def _partial(path: str, suffix: str = "") -> str:
-    """A fresh partial name beside `path` (unique per call: concurrent writers of the same file never share one)."""
+    """A fresh partial name beside `path` (unique per call: concurrent writers of the same file never share one),
+    with the permissions open() would give (mkstemp's are 0600: a bundle exported by one user could not be read
+    by the service user that serves it)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.partial-", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     return tmp
 

@@ -4,7 +4,9 @@ and the guard that refuses a load that cannot fit (one line instead of the kerne
 Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graphs):
 - Float weights stored fp16 pass through a Cast that onnxruntime constant-folds at load, and MLAS
   prepacks every MatMul weight into its own buffer: a float graph holds its weights as float32 in
-  anonymous memory, twice the bytes of an fp16 data file.
+  anonymous memory, twice the bytes of an fp16 data file. Except the vision graph on CPU, which the backend
+  opens with its Casts run per use (backends/ort.open_session): its fp16 file stays mapped and resident while
+  it answers (file pages, 1x), each weight is float32 only while its node runs (CAST_WORKING_MATRICES).
 - MatMulNBits and QMoE weights (int4/int8 + scales) are repacked by MLAS: the nibbles, and per block a float32
   scale and a float32 block sum, which a step reads; fp16-stored scales also keep a float32 copy
   (HELD_BYTES_PER_BLOCK, measured on full-width 2-layer MolmoE-1B INT4 decoders: 729 MiB held for 522 MB of
@@ -35,6 +37,9 @@ RUNTIME_BASE_BYTES = 76 << 20
 # +0.57 GiB of working memory all at once, +0.22 two at a time, +0.12 one at a time; the features bit for bit the
 # same, the time the same within noise (fp32 vision likewise: +0.60 GiB at 7).
 VISION_CROPS_PER_RUN = 2
+# float32 copies of the vision's largest matrix alive at once while its Casts run per use (full-width MolmoE-1B,
+# 2 crops: 0.22 GiB above the load against 0.17 for the same run with the weights held as float32)
+CAST_WORKING_MATRICES = 3
 # Share of MemAvailable a load may plan to use: the rest is for the page cache and other processes.
 USABLE_SHARE = 0.9
 
@@ -44,25 +49,30 @@ HELD_BYTES_PER_BLOCK = {"fp32": 8, "fp16": 12}
 READ_BYTES_PER_BLOCK = 8
 
 
+FLOAT32_NOTE = "fp16 weights are held as float32 by onnxruntime (twice the file)"
+
+
 class InsufficientMemory(MolmoEdgeError):
     """The graphs picked would not fit in the memory this machine has available."""
 
 
-def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu") -> int:
-    """Anonymous bytes a graph's weights occupy once onnxruntime has loaded it (see the module doc). The Cast
-    of fp16 weights is folded by onnxruntime's graph optimizer whatever the provider, so CUDA holds float32
-    too. A quantized graph's scales are held at HELD_BYTES_PER_BLOCK a block (see the module doc)."""
+def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu", cast_per_run: bool = False) -> int:
+    """Bytes a graph's weights occupy once onnxruntime has loaded it (see the module doc). The Cast of fp16
+    weights is folded by onnxruntime's graph optimizer whatever the provider, so CUDA holds float32 too;
+    cast_per_run (the vision graph on CPU): the fp16 file's own pages instead. A quantized graph's scales are
+    held at HELD_BYTES_PER_BLOCK a block (see the module doc)."""
+    fp16_factor = 1 if cast_per_run and device == "cpu" else 2
     by_dtype = entry.get("weight_bytes_by_dtype")
     if by_dtype is None:  # bundles from before the breakdown: the stored precision says it
         stored = entry.get("precision", {}).get("weights", "fp32")
-        return entry.get("data_bytes", 0) * (2 if stored == "fp16" else 1)
+        return entry.get("data_bytes", 0) * (fp16_factor if stored == "fp16" else 1)
     scale_dtype = _scales_dtype(entry)
     out = 0
     for dtype, n in by_dtype.items():
         if dtype == scale_dtype:  # the graph's other floats of this dtype are norms, a few KB
             out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[entry["quantization"]["scales"]]
         elif dtype == "float16":
-            out += 2 * n  # folded to float32
+            out += fp16_factor * n  # folded to float32, or mapped as it is
         else:
             out += n
     return out
@@ -96,9 +106,11 @@ def _prompt_tokens(cfg) -> int:
     return round(0.62 * (cfg.preprocess.max_crops + 1) * cfg.tokens_per_crop) + 64
 
 
-def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_item: int = 4) -> dict[str, int]:
-    """Peak working memory of a question at the default crops: vision (VISION_CROPS_PER_RUN crops at a time),
-    prefill, and the KV cache it fills.
+def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_item: int = 4,
+                     vision_casts: bool = False) -> dict[str, int]:
+    """Peak working memory of a question at the default crops: vision (VISION_CROPS_PER_RUN crops at a time;
+    vision_casts: its weights cast per use, CAST_WORKING_MATRICES float32 matrices more), prefill, and the KV
+    cache it fills.
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
     keeps alive at once without its arena (fitted on a tiny bundle, peak 156-170 MiB run to run with freed blocks
     returned (machine.return_freed_memory), and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in
@@ -108,6 +120,8 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_ite
     v = cfg.vision
     n = min(cfg.preprocess.max_crops + 1, VISION_CROPS_PER_RUN)
     vision = 4 * n * v.num_pos * (3 * v.width + v.mlp_dim) + 3 * 4 * n * v.heads * v.num_pos * v.num_pos
+    if vision_casts:
+        vision += CAST_WORKING_MATRICES * 4 * v.width * v.mlp_dim
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
     prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 4 * 4 * cfg.n_heads * t * t)
@@ -154,14 +168,21 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     """The estimate for loading `graphs` (role -> graph key) of a bundle on `device`."""
     entries = manifest["graphs"]
     dec = entries.get(graphs.get("decoder"), {})
-    est = LoadEstimate({key: resident_weight_bytes(entries[key], device) for key in graphs.values()},
-                       activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize),
+    per_run = {role: role == "vision" and device == "cpu" and _fp16(entries[key]) for role, key in graphs.items()}
+    est = LoadEstimate({key: resident_weight_bytes(entries[key], device, per_run[role]) for role, key in graphs.items()},
+                       activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize,
+                                        vision_casts=per_run.get("vision", False)),
                        # graphs load one after the other, each one's pages released, paged out or dropped by its end
-                       mapped=max(mapped_file_bytes(entries[k]) for k in graphs.values()))
-    for key in graphs.values():
-        if entries[key].get("precision", {}).get("weights") == "fp16":
-            est.notes.append(f"{key}: fp16 weights are held as float32 by onnxruntime (twice the file)")
+                       # (a graph cast per run keeps its pages: counted in its weights)
+                       mapped=max(0 if per_run[role] else mapped_file_bytes(entries[k]) for role, k in graphs.items()))
+    for role, key in graphs.items():
+        if _fp16(entries[key]) and not per_run[role]:
+            est.notes.append(f"{key}: {FLOAT32_NOTE}")
     return est
+
+
+def _fp16(entry: dict[str, Any]) -> bool:
+    return entry.get("precision", {}).get("weights") == "fp16"
 
 
 def fitting_advice(manifest: dict[str, Any], cfg, graphs: dict[str, str], available: int, device: str = "cpu") -> str:
@@ -189,6 +210,6 @@ def check_fits(manifest: dict[str, Any], cfg, graphs: dict[str, str], name: str,
         parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in est.graphs.items())
         raise InsufficientMemory(
             f"{name} needs about {est.working / GiB:.1f} GiB to load and answer ({parts} GiB of weights"
-            f"{' held as float32' if est.notes else ''}, plus working memory) but {avail / GiB:.1f} GiB are available; "
+            f"{' held as float32' if any(n.endswith(FLOAT32_NOTE) for n in est.notes) else ''}, plus working memory) but {avail / GiB:.1f} GiB are available; "
             + fitting_advice(manifest, cfg, graphs, usable, device))
     return est

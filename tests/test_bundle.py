@@ -367,3 +367,14 @@ def test_logit_agreement_over_vocabulary_chunks_equals_the_whole_comparison():
     assert got["argmax_agreement"] == want["argmax_agreement"] < 1.0
     assert got["max_abs_logit_diff"] == pytest.approx(want["max_abs_logit_diff"], rel=1e-12)
     assert got["logit_cosine"] == pytest.approx(want["logit_cosine"], rel=1e-12)
+
+
+def test_atomic_writes_get_the_umask_permissions_not_mkstemps(tmp_path):
+    """A bundle exported by one user is readable by the service user that serves it (mkstemp makes 0600 files)."""
+    from molmo_edge.runtime import files
+    p = str(tmp_path / "manifest.json")
+    files.write_json_atomic(p, {"a": 1})
+    with files.atomic_path(str(tmp_path / "x.npy")) as tmp:
+        open(tmp, "wb").close()
+    for f in (p, str(tmp_path / "x.npy")):
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~files._UMASK

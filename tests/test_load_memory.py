@@ -131,3 +131,70 @@ def test_quantized_decoder_loads_with_its_scales_paged_out_and_the_same_logits(i
     finally:
         ob.paging_out = real
     np.testing.assert_array_equal(logits(be), logits(ref))
+
+
+def test_weight_casts_first_moves_only_the_fp16_casts(int4_bundle, tmp_path):
+    from molmo_edge.runtime.onnx_index import weight_casts_first
+    path = load_bundle(int4_bundle).graph_path("vision")
+    before = onnx.load(path, load_external_data=False)
+    after = onnx.load_from_string(weight_casts_first(path))
+    fp16 = {t.name for t in before.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    casts = [n for n in after.graph.node if n.op_type == "Cast" and n.input[0] in fp16]
+    assert casts and list(after.graph.node)[:len(casts)] == casts  # every weight Cast first
+    assert sorted(n.SerializeToString() for n in after.graph.node) == sorted(n.SerializeToString() for n in before.graph.node)
+    del after.graph.node[:], before.graph.node[:]
+    assert after == before  # nothing else changed
+    assert weight_casts_first(_fp16_matmul(str(tmp_path), 8, np.float32)) is None  # no fp16 weight Casts
+    assert weight_casts_first(path + ".missing") is None
+
+
+def _fp16_matmul(folder: str, n: int, dtype=np.float16) -> str:
+    """x [1, n] @ Cast(W fp16 [n, n]), W in external data: n = 4096 holds 64 MiB as float32."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(dtype), "w")
+    g = helper.make_graph([helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT),
+                           helper.make_node("MatMul", ["x", "w32"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+    path = os.path.join(folder, "m.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path, save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    return path
+
+
+MEASURE = """
+import json, sys
+import numpy as np
+from molmo_edge.runtime.backends.ort import open_session
+def anon():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon"))
+x = np.random.default_rng(1).standard_normal((1, 4096)).astype(np.float32)
+a0 = anon()
+s = open_session(sys.argv[1], cast_weights_per_run=sys.argv[2] == "1")
+kib = anon() - a0
+np.save(sys.argv[3], s.run(["y"], {"x": x})[0])
+print(json.dumps(kib))
+"""
+
+
+def test_cast_per_run_keeps_fp16_weights_off_the_heap(tmp_path, monkeypatch):
+    """In fresh processes (a test process's heap may already hold freed, resident memory that a load reuses)."""
+    import json
+    import subprocess
+    import sys
+
+    from molmo_edge.runtime.backends import ort as backend
+    path = _fp16_matmul(str(tmp_path), 4096)
+    kib, y = {}, {}
+    for per_run in ("1", "0"):
+        out = str(tmp_path / f"y{per_run}.npy")
+        kib[per_run] = json.loads(subprocess.run([sys.executable, "-c", MEASURE, path, per_run, out], check=True,
+                                                 capture_output=True, text=True).stdout)
+        y[per_run] = np.load(out)
+    np.testing.assert_allclose(y["1"], y["0"], rtol=1e-5, atol=1e-3)
+    assert kib["0"] > 48 << 10 and kib["1"] < 16 << 10, kib  # 64 MiB as float32 against none
+    # an onnxruntime that cannot take the reordered bytes: the graph file, as before
+    x = np.random.default_rng(1).standard_normal((1, 4096)).astype(np.float32)
+    monkeypatch.setattr(backend, "weight_casts_first", lambda p: b"\xff" * 16)
+    np.testing.assert_allclose(backend.open_session(path, cast_weights_per_run=True).run(["y"], {"x": x})[0], y["1"],
+                               rtol=1e-5, atol=1e-3)

@@ -165,7 +165,7 @@ def _build_one(trt: Any, logger: Any, bundle: Bundle, job: GraphBuild, profiles:
     """(serialized engine, updated timing cache, fp32 layers per reason) for one graph. The parser reads the
     external weights itself (parse_from_file: no second copy in Python) and everything it holds is dropped
     before returning, so the parity check and the next graph start from the plan bytes alone."""
-    from molmo_edge.runtime.tensorrt.onnx_reader import read_onnx
+    from molmo_edge.runtime.onnx_reader import read_onnx
     from molmo_edge.runtime.tensorrt.precision import constrain_network, fp32_islands
     path = bundle.graph_path(job.graph)
     builder = trt.Builder(logger)

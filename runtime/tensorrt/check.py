@@ -3,7 +3,7 @@
 Every node, value type and attribute of a graph is checked against the ONNX operator table of a
 TensorRT release (onnx-tensorrt docs/operators.md, kept as data in runtime/tensorrt/ops/trt_ops_<ver>.json
 with its provenance), plus the opset, IR-version and external-data rules. Runs anywhere: the ONNX
-protobuf is read by runtime/tensorrt/onnx_reader.py (no onnx, no TensorRT, no GPU needed), and external
+protobuf is read by runtime/onnx_reader.py (no onnx, no TensorRT, no GPU needed), and external
 weights are never loaded, only their references checked.
 
 Each problem names the graph, the node (its name, or `#index` when unnamed), the operator, the
@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from molmo_edge.runtime.backends.trt_engines import TRT_VERSIONS
-from molmo_edge.runtime.tensorrt.onnx_reader import (ONNX_TYPES, Graph, Model, Node, Tensor, TrtCheckError,  # noqa: F401
-                                                    read_onnx)
+from molmo_edge.runtime.onnx_reader import ONNX_TYPES, Graph, Model, Node, OnnxReadError, Tensor, read_onnx  # noqa: F401
+
+TrtCheckError = OnnxReadError  # what check-trt raises: a graph it cannot read or check (unknown TensorRT version...)
 
 OPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops")
 PROTOBUF_LIMIT = 2 ** 31 - 1  # a .onnx file (graph + inline tensors) must stay below 2 GiB

@@ -120,19 +120,17 @@ def _embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # onnxruntime reference (host arrays, the graph's own I/O)
 # ---------------------------------------------------------------------------------------------
-def _session(path: str, providers: list[str] | None) -> Any:
+def _session(path: str, providers: list[str] | None, vision: bool = False) -> Any:
     """The reference runs on onnxruntime's CPU provider by default: plain fp32 (no TF32 MatMuls as the CUDA
     provider may use), the path the project checks against AI2's golden outputs, and one copy of the weights
     (no second one in GPU memory during session start)."""
-    from molmo_edge.runtime.backends.ort import session_options
-    from molmo_edge.runtime.deps import require
-    ort = require("onnxruntime")
-    return ort.InferenceSession(path, sess_options=session_options(), providers=providers or ["CPUExecutionProvider"])
+    from molmo_edge.runtime.backends.ort import open_session
+    return open_session(path, providers, cast_weights_per_run=vision)
 
 
 def reference_vision(bundle: Bundle, graph: str, images: np.ndarray, masks: np.ndarray,
                      providers: list[str] | None = None) -> np.ndarray:
-    sess = _session(bundle.graph_path(graph), providers)
+    sess = _session(bundle.graph_path(graph), providers, vision=True)
     out = sess.run(["image_features"], _vision_feeds(bundle.config, images, masks))[0]
     del sess
     gc.collect()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from molmo_edge.runtime.tensorrt.onnx_reader import Graph
+from molmo_edge.runtime.onnx_reader import Graph
 
 # TensorRT layer types kept fp32 whatever their names (a node may become several layers; these catch the
 # helper layers the parser adds, whose output names are not ONNX names)

@@ -1,6 +1,6 @@
-"""A minimal reader of the ONNX protobuf: only the fields check-trt needs (graph, nodes, attributes,
-value types, initializer metadata and external-data references). No onnx package, and external
-weights are never read, so it runs on a robot and on multi-GB graphs alike."""
+"""A minimal reader of the ONNX protobuf: only the fields check-trt and the onnxruntime loader need (graph,
+nodes, attributes, value types, initializer metadata and external-data references, field byte spans). No onnx
+package, and external weights are never read, so it runs on a robot and on multi-GB graphs alike."""
 from __future__ import annotations
 
 import struct
@@ -10,8 +10,9 @@ from typing import Any, Iterator
 from molmo_edge.runtime.errors import MolmoEdgeError
 
 
-class TrtCheckError(MolmoEdgeError):
-    """A graph cannot be checked (unreadable file, unknown TensorRT version)."""
+class OnnxReadError(MolmoEdgeError):
+    """A graph cannot be read (unreadable file, not an ONNX model); check-trt also raises it for what it cannot
+    check (runtime.tensorrt.check.TrtCheckError)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,29 +41,35 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint")
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value): ints for varint/fixed, memoryview slices for length-delimited."""
-    pos, end = 0, len(buf)
+def field_spans(buf: memoryview, pos: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, value start, field end) of each field of the message in buf[pos:end]:
+    the byte spans, so a caller can reorder a message's fields without re-encoding them."""
+    end = len(buf) if end is None else end
     while pos < end:
+        start = pos
         key, pos = _varint(buf, pos)
         num, wire = key >> 3, key & 7
         if wire == 0:
-            val, pos = _varint(buf, pos)
+            _, nxt = _varint(buf, pos)
         elif wire == 1:
-            val = buf[pos:pos + 8]
-            pos += 8
+            nxt = pos + 8
         elif wire == 2:
             n, pos = _varint(buf, pos)
-            val = buf[pos:pos + n]
-            pos += n
+            nxt = pos + n
         elif wire == 5:
-            val = buf[pos:pos + 4]
-            pos += 4
+            nxt = pos + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > end:
+        if nxt > end:
             raise ValueError("truncated protobuf message")
-        yield num, wire, val
+        yield num, wire, start, pos, nxt
+        pos = nxt
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value): ints for varint/fixed, memoryview slices for length-delimited."""
+    for num, wire, _, a, b in field_spans(buf):
+        yield num, wire, (_varint(buf, a)[0] if wire == 0 else buf[a:b])
 
 
 def _signed(v: int) -> int:
@@ -310,7 +317,12 @@ def read_onnx(path: str) -> Model:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise TrtCheckError(f"cannot read {path} ({e.strerror}); check the path or re-export the bundle") from None
+        raise OnnxReadError(f"cannot read {path} ({e.strerror}); check the path or re-export the bundle") from None
+    return parse_onnx(data, path)
+
+
+def parse_onnx(data: bytes, path: str = "") -> Model:
+    """Parse an ONNX model's bytes (path: for messages)."""
     try:
         ir, opsets, graph = 0, {}, None
         for num, _, val in _fields(memoryview(data)):
@@ -327,7 +339,7 @@ def read_onnx(path: str) -> Model:
             elif num == 7:
                 graph = _graph(val)
     except (ValueError, IndexError, struct.error) as e:
-        raise TrtCheckError(f"{path} is not a readable ONNX model ({e}); re-export the bundle") from None
+        raise OnnxReadError(f"{path} is not a readable ONNX model ({e}); re-export the bundle") from None
     if graph is None:
-        raise TrtCheckError(f"{path} has no graph: it is not an ONNX model; re-export the bundle")
+        raise OnnxReadError(f"{path} has no graph: it is not an ONNX model; re-export the bundle")
     return Model(ir, opsets, graph, path, len(data))
