@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from molmo_edge.runtime.machine import trim_heap
+
 
 # Below this temperature sampling picks the most likely token anyway (its probability rounds to 1), and
 # dividing the logits by a temperature near 1e-308 would overflow to inf - inf = NaN: such requests are greedy.
@@ -60,5 +62,6 @@ def generate(first_logits: np.ndarray, step: Callable[[int], np.ndarray], opts: 
         reason = "eos" if tok == eos_id else "stop" if hit else "length" if len(tokens) >= opts.max_new_tokens else ""
         shown = emit(visible, bool(reason))
         if reason:
+            trim_heap()  # the question's freed activations go back to the system, not kept by glibc (machine)
             return tokens, reason
         logits = step(tok)

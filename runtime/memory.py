@@ -113,7 +113,7 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_ite
     cache it fills.
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
     keeps alive at once without its arena (fitted on a tiny bundle, peak 156-170 MiB run to run with freed blocks
-    returned (machine.return_freed_memory), and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in
+    returned (machine.trim_heap), and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in
     the ViT, 4 in the portable decoder;
     GroupQueryAttention (the fused layout: decoder.fused, `export --weights`) never materialises them.
     kv_item: bytes per cached K/V value (2 for the fp16 cache of fused fp16 and quantized decoders)."""

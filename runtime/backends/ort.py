@@ -9,7 +9,7 @@ import numpy as np
 from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_graphs
 from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.kv_cache import SHARED, KVCache, kv_dtype, kv_layout
-from molmo_edge.runtime.machine import drop_mapped_pages, int8_pairs_saturate, paging_out, return_freed_memory
+from molmo_edge.runtime.machine import drop_mapped_pages, int8_pairs_saturate, paging_out, trim_heap
 from molmo_edge.runtime.memory import VISION_CROPS_PER_RUN
 from molmo_edge.runtime.onnx_index import load_only_ranges, weight_casts_first
 
@@ -84,7 +84,6 @@ class OrtBackend:
         self.bundle = bundle
         self.cfg = bundle.config
         self.providers = providers or default_providers()
-        return_freed_memory()  # no arena: freed activations go back to the system (runtime.memory)
         self._ort = ort
         self.sessions = {}
         if choice is None:
@@ -125,13 +124,18 @@ class OrtBackend:
         runs = [self.sessions["vision"].run(["image_features"], {"images": images[i:i + k],
                                                                  "image_masks": image_masks[i:i + k]})[0]
                 for i in range(0, max(len(images), 1), k)]
-        return runs[0] if len(runs) == 1 else np.concatenate(runs)
+        out = runs[0] if len(runs) == 1 else np.concatenate(runs)
+        del runs
+        trim_heap()  # no arena: the pass's freed activations go back to the system
+        return out
 
     def vision_pooled(self, pixel_values: np.ndarray, pooling: np.ndarray) -> np.ndarray:
         """Molmo2: crops [N, 729, 588] + pooling index [M, k] (-1 = empty) -> features [M, d]."""
-        return self.sessions["vision"].run(["image_features"], {
+        out = self.sessions["vision"].run(["image_features"], {
             "pixel_values": np.ascontiguousarray(pixel_values, np.float32).reshape(-1, *np.shape(pixel_values)[-2:]),
             "pooling": np.ascontiguousarray(pooling, np.int64).reshape(-1, np.shape(pooling)[-1])})[0]
+        trim_heap()
+        return out
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
