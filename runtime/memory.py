@@ -5,8 +5,9 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
 - Float weights stored fp16 pass through a Cast that onnxruntime constant-folds at load, and MLAS
   prepacks every MatMul weight into its own buffer: a float graph holds its weights as float32 in
   anonymous memory, twice the bytes of an fp16 data file. Except the vision graph on CPU, which the backend
-  opens with its Casts run per use (backends/ort.open_session): its fp16 file stays mapped and resident while
-  it answers (file pages, 1x), each weight is float32 only while its node runs (CAST_WORKING_MATRICES).
+  opens with its Casts run per use (backends/ort.open_session): its fp16 file is mapped, resident during a vision
+  pass (file pages, 1x) and dropped after it, and each weight is float32 only while its node runs
+  (CAST_WORKING_MATRICES). Full-size MolmoE-1B INT4 ask: peak RSS 6.29 GiB held as float32, 5.77 so.
 - MatMulNBits and QMoE weights (int4/int8 + scales) are repacked by MLAS: the nibbles, and per block a float32
   scale and a float32 block sum, which a step reads; fp16-stored scales also keep a float32 copy
   (HELD_BYTES_PER_BLOCK, measured on full-width 2-layer MolmoE-1B INT4 decoders: 729 MiB held for 522 MB of
@@ -136,23 +137,28 @@ class LoadEstimate:
     base: int = RUNTIME_BASE_BYTES
     mapped: int = 0                        # file pages resident at the end of a graph's load (reclaimable)
     notes: list[str] = field(default_factory=list)
+    while_running: tuple[str, ...] = ()    # the vision graph when its weights are file pages only during a pass
 
     @property
     def weights(self) -> int:
-        return sum(self.graphs.values())
+        """Weights resident for the session's life."""
+        return sum(v for k, v in self.graphs.items() if k not in self.while_running)
+
+    def _question(self) -> int:
+        """A question's peak above the weights: a vision pass (with its graph's pages) or the prefill."""
+        a = self.activations
+        return max(a["vision"] + sum(self.graphs[k] for k in self.while_running), a["prefill"])
 
     @property
     def total(self) -> int:
         """Expected peak RSS of a process that loads these graphs and answers one question: the load's file pages
         and a question's working memory are not resident at the same time."""
-        a = self.activations
-        return self.base + self.weights + max(self.mapped, a["vision"], a["prefill"]) + a["kv_cache"]
+        return self.base + self.weights + max(self.mapped, self._question()) + self.activations["kv_cache"]
 
     @property
     def working(self) -> int:
         """What the load and a question need that the kernel cannot reclaim: weights, activations, KV cache."""
-        a = self.activations
-        return self.weights + max(a["vision"], a["prefill"]) + a["kv_cache"]
+        return self.weights + self._question() + self.activations["kv_cache"]
 
     def fits(self, available: int) -> bool:
         """The guard's rule: the working set within USABLE_SHARE of `available` (file pages are reclaimable)."""
@@ -161,7 +167,8 @@ class LoadEstimate:
     def to_dict(self) -> dict[str, Any]:
         return {"graphs_gib": {k: round(v / GiB, 3) for k, v in self.graphs.items()},
                 "activations_gib": {k: round(v / GiB, 3) for k, v in self.activations.items()},
-                "runtime_gib": round(self.base / GiB, 3), "mapped_file_gib": round(self.mapped / GiB, 3), "total_gib": round(self.total / GiB, 3), "notes": self.notes}
+                "runtime_gib": round(self.base / GiB, 3), "mapped_file_gib": round(self.mapped / GiB, 3), "total_gib": round(self.total / GiB, 3), "notes": self.notes,
+                "resident_while_running": list(self.while_running)}
 
 
 def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device: str = "cpu") -> LoadEstimate:
@@ -173,8 +180,9 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
                        activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize,
                                         vision_casts=per_run.get("vision", False)),
                        # graphs load one after the other, each one's pages released, paged out or dropped by its end
-                       # (a graph cast per run keeps its pages: counted in its weights)
-                       mapped=max(0 if per_run[role] else mapped_file_bytes(entries[k]) for role, k in graphs.items()))
+                       # (a graph cast per run: its pages are resident during its passes, dropped after each)
+                       mapped=max(0 if per_run[role] else mapped_file_bytes(entries[k]) for role, k in graphs.items()),
+                       while_running=tuple(k for role, k in graphs.items() if per_run[role]))
     for role, key in graphs.items():
         if _fp16(entries[key]) and not per_run[role]:
             est.notes.append(f"{key}: {FLOAT32_NOTE}")
