@@ -198,3 +198,19 @@ def test_cast_per_run_keeps_fp16_weights_off_the_heap(tmp_path, monkeypatch):
     monkeypatch.setattr(backend, "weight_casts_first", lambda p: b"\xff" * 16)
     np.testing.assert_allclose(backend.open_session(path, cast_weights_per_run=True).run(["y"], {"x": x})[0], y["1"],
                                rtol=1e-5, atol=1e-3)
+
+
+def test_estimate_counts_cast_per_run_vision_pages_only_during_a_pass(int4_bundle):
+    from molmo_edge.runtime.memory import activation_bytes, estimate_load, resident_weight_bytes
+    b = load_bundle(int4_bundle)
+    graphs = {"vision": "vision", "decoder": "decoder.int4"}
+    cpu, cuda = (estimate_load(b.manifest, b.config, graphs, device) for device in ("cpu", "cuda"))
+    vision = b.manifest["graphs"]["vision"]
+    assert cpu.while_running == ("vision",) and cuda.while_running == ()
+    assert cpu.graphs["vision"] == resident_weight_bytes(vision, "cpu", True) == vision["weight_bytes_by_dtype"]["float16"] + \
+        sum(n for d, n in vision["weight_bytes_by_dtype"].items() if d != "float16")
+    assert cuda.graphs["vision"] > cpu.graphs["vision"]  # folded to float32 there
+    assert cpu.weights == cpu.graphs["decoder.int4"] and not cpu.notes  # no "held as float32" note
+    a = cpu.activations
+    assert a["vision"] > activation_bytes(b.config, fused=True)["vision"]  # the Casts' float32 copies
+    assert cpu.working == cpu.weights + max(a["vision"] + cpu.graphs["vision"], a["prefill"]) + a["kv_cache"]

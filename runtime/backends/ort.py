@@ -53,9 +53,9 @@ def open_session(path: str, providers: list[str] | None = None, threads: int | N
     cast_weights_per_run, on CPU: fp16 weights stay fp16, memory-mapped, and each is converted to float32 just
     before the node that uses it, at every run, instead of being folded to float32 at load and held for the
     session's life (twice the file). For the vision graph, whose runs are few and long: full-width MolmoE-1B, 2
-    crops, 0.25 GiB peak anonymous instead of 1.28, 7-10 % slower a run (on a 2-core AMD EPYC). The fp16 Casts
-    go first in the node list (onnx_index.weight_casts_first) and constant folding is off; ORT_ENABLE_ALL folds
-    them whatever the optimizer list, so this level is EXTENDED. An onnxruntime that cannot load a model from
+    crops, 0.25 GiB peak anonymous instead of 1.28; full size, 7 crops, 2-8 % slower a pass (2-core AMD EPYC,
+    benchmarks/RESULTS.md). The fp16 Casts go first in the node list (onnx_index.weight_casts_first) and constant
+    folding is off; ORT_ENABLE_ALL folds them whatever the optimizer list, so this level is EXTENDED. An onnxruntime that cannot load a model from
     bytes with its external data beside it gets the graph file as usual."""
     ort = require("onnxruntime")
     providers = providers or ["CPUExecutionProvider"]
