@@ -18,7 +18,8 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
   again (full-size MolmoE-1B INT4: 0.84 GiB of file pages at block 32, 0.45 at block 64); the backend pages them
   out while the graph loads (runtime.machine.paging_out) and drops what is left after it (drop_mapped_pages), so
   they are not counted (a full-width 2-layer MolmoE-1B INT4: load VmHWM 0.998 -> 0.90 GiB, its scales 0.11).
-- No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena.
+- No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena,
+  and glibc's freed heap goes back after each vision pass and question (machine.trim_heap).
 - The vision graph runs VISION_CROPS_PER_RUN crops at a time: its working memory is that many crops'.
 - The KV cache is allocated lazily (np.zeros): only the positions written become resident.
 """
