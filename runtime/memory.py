@@ -114,9 +114,9 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_ite
     vision_casts: its weights cast per use, CAST_WORKING_MATRICES float32 matrices more), prefill, and the KV
     cache it fills.
     The float32 attention scores dominate; the multipliers count how many score-sized tensors onnxruntime
-    keeps alive at once without its arena (fitted on a tiny bundle, peak 156-170 MiB run to run with freed blocks
-    returned (machine.trim_heap), and a full-width 2-layer MolmoE-1B, peaks within 11 %): about 3 in
-    the ViT, 4 in the portable decoder;
+    keeps alive at once without its arena, glibc reusing freed heap blocks within a question (fitted on a tiny
+    bundle, peak 189-203 MiB run to run on two machines; the 5th is heap that fragmentation keeps): about 3 in
+    the ViT, 5 in the portable decoder;
     GroupQueryAttention (the fused layout: decoder.fused, `export --weights`) never materialises them.
     kv_item: bytes per cached K/V value (2 for the fp16 cache of fused fp16 and quantized decoders)."""
     v = cfg.vision
@@ -126,7 +126,7 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_ite
         vision += CAST_WORKING_MATRICES * 4 * v.width * v.mlp_dim
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
-    prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 4 * 4 * cfg.n_heads * t * t)
+    prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 5 * 4 * cfg.n_heads * t * t)
     kv = 2 * cfg.n_layers * (t + max_new_tokens) * cfg.kv_dim * kv_item
     return {"vision": int(vision), "prefill": int(prefill), "kv_cache": int(kv)}
 
