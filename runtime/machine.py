@@ -96,16 +96,20 @@ def return_large_frees(threshold: int = LARGE_FREE_BYTES) -> bool:
     bundle 53 -> 35-41 tokens/s). False where it does not apply: not glibc, or MALLOC_MMAP_THRESHOLD_ set."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
         return False  # the user's own setting wins
+    libc = _glibc()
+    m_mmap_threshold = -3  # malloc.h; setting it also ends the dynamic threshold
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold))) if libc is not None else False
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """This process's C library when it is glibc (mallopt, malloc_trim), else None."""
     try:
         import ctypes
-
         libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):
-            return False
-        m_mmap_threshold = -3  # malloc.h; setting it also ends the dynamic threshold
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def drop_mapped_pages(paths: list[str]) -> int:
@@ -116,6 +120,8 @@ def drop_mapped_pages(paths: list[str]) -> int:
     full-size MolmoE-1B INT4: 0.84 GiB). MADV_DONTNEED on a private mapping loses only written (copy-on-write)
     pages, so a mapping with any (smaps "Anonymous" above 0) is left alone; a later read of the others faults
     them in again from the file or the page cache. 0 where /proc/self/smaps is missing."""
+    if not paths:
+        return 0
     want = {os.path.realpath(p) for p in paths}
     try:
         import ctypes
@@ -140,16 +146,6 @@ def drop_mapped_pages(paths: list[str]) -> int:
     return sum(hi - lo for lo, hi in spans if libc.madvise(lo, hi - lo, madv_dontneed) == 0)
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        return libc.malloc_trim if hasattr(libc, "gnu_get_libc_version") else None
-    except (OSError, AttributeError):
-        return None
-
-
 def trim_heap() -> bool:
     """Give the free pages of glibc's heaps back to the kernel (malloc_trim) after a vision pass and at the end of
     a question: onnxruntime without its arena frees those activations, but glibc keeps freed heap blocks resident
@@ -158,8 +154,8 @@ def trim_heap() -> bool:
     the mmap threshold (return_large_frees): every decode step would then map, fault in and unmap its scratch
     (GroupQueryAttention's float32 copies of an fp16 KV cache; full-size MolmoE-1B at 770 tokens of context,
     decode 9.8 -> 3.0 tokens/s). True when glibc trimmed."""
-    trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 MADV_PAGEOUT = 21  # linux/mman.h, Linux 5.4+

@@ -42,6 +42,8 @@ VISION_CROPS_PER_RUN = 2
 # float32 copies of the vision's largest matrix alive at once while its Casts run per use (full-width MolmoE-1B,
 # 2 crops: 0.22 GiB above the load against 0.17 for the same run with the weights held as float32)
 CAST_WORKING_MATRICES = 3
+# graph roles the onnxruntime CPU backend opens with their fp16 weight Casts run per use (backends/ort.open_session)
+CAST_PER_RUN_ROLES = ("vision",)
 # Share of MemAvailable a load may plan to use: the rest is for the page cache and other processes.
 USABLE_SHARE = 0.9
 
@@ -49,9 +51,6 @@ USABLE_SHARE = 0.9
 # bytes per quantization block onnxruntime holds after repacking, by the scales' stored dtype, and reads a step
 HELD_BYTES_PER_BLOCK = {"fp32": 8, "fp16": 12}
 READ_BYTES_PER_BLOCK = 8
-
-
-FLOAT32_NOTE = "fp16 weights are held as float32 by onnxruntime (twice the file)"
 
 
 class InsufficientMemory(MolmoEdgeError):
@@ -176,7 +175,7 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
     """The estimate for loading `graphs` (role -> graph key) of a bundle on `device`."""
     entries = manifest["graphs"]
     dec = entries.get(graphs.get("decoder"), {})
-    per_run = {role: role == "vision" and device == "cpu" and _fp16(entries[key]) for role, key in graphs.items()}
+    per_run = {role: role in CAST_PER_RUN_ROLES and device == "cpu" and _fp16(entries[key]) for role, key in graphs.items()}
     est = LoadEstimate({key: resident_weight_bytes(entries[key], device, per_run[role]) for role, key in graphs.items()},
                        activation_bytes(cfg, fused=kv_layout(dec) == SHARED, kv_item=kv_dtype(dec).itemsize,
                                         vision_casts=per_run.get("vision", False)),
@@ -186,7 +185,7 @@ def estimate_load(manifest: dict[str, Any], cfg, graphs: dict[str, str], device:
                        while_running=tuple(k for role, k in graphs.items() if per_run[role]))
     for role, key in graphs.items():
         if _fp16(entries[key]) and not per_run[role]:
-            est.notes.append(f"{key}: {FLOAT32_NOTE}")
+            est.notes.append(f"{key}: fp16 weights are held as float32 by onnxruntime (twice the file)")
     return est
 
 
@@ -219,6 +218,6 @@ def check_fits(manifest: dict[str, Any], cfg, graphs: dict[str, str], name: str,
         parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in est.graphs.items())
         raise InsufficientMemory(
             f"{name} needs about {est.working / GiB:.1f} GiB to load and answer ({parts} GiB of weights"
-            f"{' held as float32' if any(n.endswith(FLOAT32_NOTE) for n in est.notes) else ''}, plus working memory) but {avail / GiB:.1f} GiB are available; "
+            f"{' held as float32' if est.notes else ''}, plus working memory) but {avail / GiB:.1f} GiB are available; "
             + fitting_advice(manifest, cfg, graphs, usable, device))
     return est

@@ -10,7 +10,7 @@ from molmo_edge.runtime.bundle import Bundle, BundleError, GraphChoice, choose_g
 from molmo_edge.runtime.deps import require
 from molmo_edge.runtime.kv_cache import SHARED, KVCache, kv_dtype, kv_layout
 from molmo_edge.runtime.machine import drop_mapped_pages, int8_pairs_saturate, paging_out, trim_heap
-from molmo_edge.runtime.memory import VISION_CROPS_PER_RUN
+from molmo_edge.runtime.memory import CAST_PER_RUN_ROLES, VISION_CROPS_PER_RUN
 from molmo_edge.runtime.onnx_index import load_only_ranges, weight_casts_first
 
 
@@ -55,8 +55,8 @@ def open_session(path: str, providers: list[str] | None = None, threads: int | N
     session's life (twice the file). For the vision graph, whose runs are few and long: full-width MolmoE-1B, 2
     crops, 0.25 GiB peak anonymous instead of 1.28; full size, 7 crops, 2-8 % slower a pass (2-core AMD EPYC,
     benchmarks/RESULTS.md). The fp16 Casts go first in the node list (onnx_index.weight_casts_first) and constant
-    folding is off; ORT_ENABLE_ALL folds them whatever the optimizer list, so this level is EXTENDED. An onnxruntime that cannot load a model from
-    bytes with its external data beside it gets the graph file as usual."""
+    folding is off; ORT_ENABLE_ALL folds them whatever the optimizer list, so this level is EXTENDED. An
+    onnxruntime that cannot load a model from bytes with its external data beside it gets the graph file as usual."""
     ort = require("onnxruntime")
     providers = providers or ["CPUExecutionProvider"]
     model = weight_casts_first(path) if cast_weights_per_run and provider_device(providers) == "cpu" else None
@@ -96,7 +96,7 @@ class OrtBackend:
             path = bundle.graph_path(key)
             try:  # what the load reads only once is paged out while it runs, the rest dropped after it
                 with paging_out(load_only_ranges(path)):
-                    self.sessions[name] = open_session(path, self.providers, threads, cast_weights_per_run=name == "vision")
+                    self.sessions[name] = open_session(path, self.providers, threads, cast_weights_per_run=name in CAST_PER_RUN_ROLES)
             except Exception as e:  # onnxruntime raises its own exception types; keep the first line
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{os.path.basename(path)} cannot be loaded by onnxruntime ({first}); the file is "
