@@ -21,7 +21,8 @@ Measured facts the estimate rests on (onnxruntime 1.32 CPU, this project's graph
 - No CPU memory arena (backends/ort.py): a question's working memory is freed after it, not kept by the arena,
   and glibc's freed heap goes back after each vision pass and question (machine.trim_heap).
 - The vision graph runs VISION_CROPS_PER_RUN crops at a time: its working memory is that many crops'.
-- The KV cache is allocated lazily (np.zeros): only the positions written become resident.
+- A session's KV cache grows to what its questions need, GROW_STEP tokens at a time (runtime.kv_cache: the
+  CPU GroupQueryAttention commits the whole buffer it is bound to, so a context-long one cost 0.5 GiB for MolmoE-1B).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.kv_cache import SHARED, kv_dtype, kv_layout
+from molmo_edge.runtime.kv_cache import GROW_STEP, SHARED, kv_dtype, kv_layout
 
 GiB = 2 ** 30
 # Peak RSS of a Python process with the runtime, onnxruntime, tokenizer and numpy loaded and a tiny bundle
@@ -126,7 +127,7 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_ite
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
     prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 5 * 4 * cfg.n_heads * t * t)
-    kv = 2 * cfg.n_layers * (t + max_new_tokens) * cfg.kv_dim * kv_item
+    kv = 2 * cfg.n_layers * -(-(t + max_new_tokens) // GROW_STEP) * GROW_STEP * cfg.kv_dim * kv_item
     return {"vision": int(vision), "prefill": int(prefill), "kv_cache": int(kv)}
 
 

@@ -135,7 +135,7 @@ def generate_tokens(m: "Molmo", arrays: dict[str, np.ndarray], opts: GenerationO
         timings["vision"] = (time.perf_counter() - t1) * 1e3
         t_prefix = time.perf_counter()
         m.cache.truncate(0)
-        m.cache.reserve(n_prefix)
+        m.cache.reserve(len(ids) + opts.max_new_tokens)  # the whole question at once: a growing cache grows once
         m.backend.run_decoder(embed(m, prefix, feats), np.arange(n_prefix, dtype=np.int64)[None], m.cache,
                          np.zeros(1, np.int64), token_types=types[:, :n_prefix])
         m._prefix = (key, prefix)

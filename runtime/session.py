@@ -194,6 +194,7 @@ class Molmo:
         t1 = time.perf_counter()
         if self._prefix is None or self._prefix[0] != key or not np.array_equal(self._prefix[1], prefix):
             self.cache.truncate(0)
+            self.cache.reserve(len(ids) + max_new_tokens)  # the whole question at once: a growing cache grows once
             self._prefill(self.embed(prefix, inputs.get("image_input_idx"), entry.features if entry else None),
                           np.zeros(1, np.int64))
             self._prefix = (key, prefix)

@@ -326,6 +326,39 @@ def test_fused_quantized_decoder_keeps_an_fp16_kv_cache_that_decodes_like_one_pa
     assert len(m.ask("Count the boxes.", _frame(), max_new_tokens=3).token_ids) >= 1
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_a_growing_kv_cache_decodes_bit_for_bit_like_a_preallocated_one(tiny_checkpoints, tmp_path, monkeypatch, weights):
+    """A session's cache starts empty and grows GROW_STEP tokens at a time as questions need (GroupQueryAttention
+    commits the whole buffer it is bound to, kv_cache.py), in both KV layouts: portable (fp32 export) and fused
+    (quantized export); the logits are those of a cache sized up front, bit for bit, and the context limit holds."""
+    from molmo_edge.calibration.weight_quant import make_quantizer
+    from molmo_edge.runtime import kv_cache
+    from molmo_edge.runtime.kv_cache import ContextOverflow
+    b = str(tmp_path / "b")
+    quant = {"dtype": "fp16", "quantizer": make_quantizer(4)} if weights == "int4" else {}
+    export_bundle(tiny_checkpoints["molmo-7b-d"], b, check=False, **quant, **QUIET)
+    monkeypatch.setattr(kv_cache, "GROW_STEP", 4)
+    m = Molmo.load(b)
+    be, cfg = m.backend, m.backend.cfg
+    assert m.cache.capacity == 0 and m.cache.max_len == cfg.max_sequence_length
+    x = np.random.default_rng(1).standard_normal((1, 11, cfg.d_model)).astype(np.float32)
+    pos = np.arange(11, dtype=np.int64)[None]
+
+    def decode(cache):
+        out = [be.run_decoder(x[:, :3], pos[:, :3], cache, np.array([2], np.int64))[0, 0]]
+        out += [be.run_decoder(x[:, j:j + 1], pos[:, j:j + 1], cache, np.array([0], np.int64))[0, 0] for j in range(3, 11)]
+        return np.stack(out)
+
+    grown = be.new_cache()
+    got = decode(grown)
+    assert grown.capacity == 12 and grown.keys[0].shape[1 if grown.layout == "bsnh" else 2] == 12
+    np.testing.assert_array_equal(got, decode(be.new_cache(11)))
+    ans = m.ask("Count the boxes.", _frame(), max_new_tokens=3)
+    assert m.cache.capacity == -(-(ans.prompt_tokens + 3) // 4) * 4 < m.cache.max_len
+    with pytest.raises(ContextOverflow, match="exceed the model's context"):
+        grown.reserve(cfg.max_sequence_length)
+
+
 def test_head_is_checked_in_slices_and_a_broken_head_still_fails(tiny_checkpoints, tmp_path, monkeypatch):
     """Full-size heads are computed a slice of rows at a time (and the graph's on its first slice): the result
     is the same as the whole head, and a wrong head is still caught."""

@@ -146,12 +146,14 @@ class OrtBackend:
         drop_mapped_pages(self._data["vision"])
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
+        """A cache of max_len tokens; without max_len (a session's) one that grows to the questions' needs, up to
+        the model's context, on the host (kv_cache.py: why)."""
         c = self.cfg
         n = min(max_len or c.max_sequence_length, c.max_sequence_length)  # RoPE tables cover max_sequence_length
         if self.device_io is not None:
             return self.device_io.new_cache(n)
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, self.kv_dtype,
-                       layout="bnsh" if self.kv_layout == SHARED else "bsnh")
+                       layout="bnsh" if self.kv_layout == SHARED else "bsnh", capacity=0 if max_len is None else n)
 
     def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logit_positions: np.ndarray,
                     token_types: np.ndarray | None = None) -> np.ndarray:

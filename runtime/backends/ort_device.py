@@ -69,7 +69,7 @@ class OrtDeviceKVCache(KVCache):
     ("bsnh") or [1, kv, max_len, hd] ("bnsh", GroupQueryAttention share-buffer). Only addressed, never read."""
 
     def __init__(self, ort: Any, plan: BindingPlan, n_layers: int, kv_heads: int, head_dim: int, max_len: int):
-        self.max_len = max_len
+        self.max_len = self.capacity = max_len  # preallocated on the device, never grows
         self.length = 0
         self.layout = "bnsh" if plan.kv_layout == SHARED else "bsnh"
         self.dtype = np.dtype(plan.kv_dtype)

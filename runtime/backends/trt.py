@@ -175,7 +175,7 @@ class DeviceKVCache(KVCache):
 
     def __init__(self, cuda: Any, n_layers: int, kv_heads: int, head_dim: int, max_len: int, stream: Any = None):
         self.cuda, self.stream = cuda, stream
-        self.max_len = max_len
+        self.max_len = self.capacity = max_len  # preallocated on the GPU, never grows
         self.layout = "bsnh"
         self.length = 0
         self.row_bytes = kv_heads * head_dim * 4
