@@ -36,6 +36,11 @@ class ContextOverflow(MolmoEdgeError):
 GROW_STEP = 256  # tokens a growing cache's buffers are rounded up to
 
 
+def grown_capacity(tokens: int) -> int:
+    """The buffer length a growing cache takes to hold `tokens` (before the context limit)."""
+    return -(-tokens // GROW_STEP) * GROW_STEP
+
+
 class KVCache:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, max_len: int, dtype=np.float32, layout: str = "bsnh",
                  capacity: int | None = None):
@@ -44,14 +49,16 @@ class KVCache:
         self.max_len = max_len
         self.layout = layout
         self.capacity = max_len if capacity is None else min(capacity, max_len)
+        self._seq_axis = 1 if layout == "bsnh" else 2
         self._row = (kv_heads, head_dim)
         self.keys = [self._buffer(dtype) for _ in range(n_layers)]
         self.values = [self._buffer(dtype) for _ in range(n_layers)]
         self.length = 0
 
     def _buffer(self, dtype) -> np.ndarray:
-        heads, hd = self._row
-        return np.zeros((1, self.capacity, heads, hd) if self.layout == "bsnh" else (1, heads, self.capacity, hd), dtype)
+        shape = [1, *self._row]
+        shape.insert(self._seq_axis, self.capacity)
+        return np.zeros(shape, dtype)
 
     def reserve(self, n: int) -> None:
         """Make room for n more entries, or fail clearly before running a step that would not fit."""
@@ -60,12 +67,12 @@ class KVCache:
             raise ContextOverflow(f"{need} tokens exceed the model's context of {self.max_len}: shorten the "
                                   "prompt, use fewer image crops (--max-crops) or fewer new tokens (--max-new-tokens)")
         if need > self.capacity:
-            self._grow(min(self.max_len, -(-need // GROW_STEP) * GROW_STEP))
+            self._grow(min(self.max_len, grown_capacity(need)))
 
     def _grow(self, capacity: int) -> None:
         """New buffers of `capacity` tokens holding the filled part of the old ones."""
         self.capacity = capacity
-        filled = (slice(None), slice(0, self.length)) if self.layout == "bsnh" else (slice(None), slice(None), slice(0, self.length))
+        filled = (slice(None),) * self._seq_axis + (slice(0, self.length),)
         for bufs in (self.keys, self.values):
             for i, old in enumerate(bufs):
                 bufs[i] = self._buffer(old.dtype)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from molmo_edge.runtime.errors import MolmoEdgeError
-from molmo_edge.runtime.kv_cache import GROW_STEP, SHARED, kv_dtype, kv_layout
+from molmo_edge.runtime.kv_cache import SHARED, grown_capacity, kv_dtype, kv_layout
 
 GiB = 2 ** 30
 # Peak RSS of a Python process with the runtime, onnxruntime, tokenizer and numpy loaded and a tiny bundle
@@ -127,7 +127,7 @@ def activation_bytes(cfg, fused: bool = False, max_new_tokens: int = 200, kv_ite
     t = _prompt_tokens(cfg)
     ffn = cfg.moe_top_k * cfg.ffn_inner * 2 if cfg.is_moe else cfg.ffn_hidden * 2
     prefill = 4 * t * (4 * cfg.d_model + cfg.q_dim + 2 * cfg.kv_dim + ffn) + (0 if fused else 5 * 4 * cfg.n_heads * t * t)
-    kv = 2 * cfg.n_layers * -(-(t + max_new_tokens) // GROW_STEP) * GROW_STEP * cfg.kv_dim * kv_item
+    kv = 2 * cfg.n_layers * grown_capacity(t + max_new_tokens) * cfg.kv_dim * kv_item
     return {"vision": int(vision), "prefill": int(prefill), "kv_cache": int(kv)}
 
 
