@@ -49,9 +49,17 @@ CAST_PER_RUN_ROLES = ("vision",)
 USABLE_SHARE = 0.9
 
 
-# bytes per quantization block onnxruntime holds after repacking, by the scales' stored dtype, and reads a step
-HELD_BYTES_PER_BLOCK = {"fp32": 8, "fp16": 12}
+# bytes per quantization block onnxruntime holds after loading, by provider and the scales' stored dtype.
+# cpu: MLAS's repacked layout (measured, above). cuda: the kernels read the stored nibbles and the scales in the
+# op's activation type (MatMulNBits; QMoE prepacks the nibbles into CUTLASS's layout, the same bytes), so a block
+# holds its scale as stored; read in onnxruntime's CUDA sources (contrib_ops/cuda/quantization, moe), not yet
+# measured on a device.
+HELD_BYTES_PER_BLOCK = {"cpu": {"fp32": 8, "fp16": 12}, "cuda": {"fp32": 4, "fp16": 2}}
 READ_BYTES_PER_BLOCK = 8
+# onnxruntime's CUDA provider registers QMoE for fp16 and bf16 activations only: a decoder quantized with fp32
+# scales computes its experts in float32, so on a GPU they run on the CPU provider (and are held as on CPU).
+# `--scales fp16` makes the whole quantized decoder fp16 (calibration/weight_quant.py's Casts).
+CUDA_FLOAT32_LACKS = "com.microsoft.QMoE"
 
 
 class InsufficientMemory(MolmoEdgeError):
@@ -62,7 +70,8 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu", cast_per_r
     """Bytes a graph's weights occupy once onnxruntime has loaded it (see the module doc). The Cast of fp16
     weights is folded by onnxruntime's graph optimizer whatever the provider, so CUDA holds float32 too;
     cast_per_run (the vision graph on CPU): the fp16 file's own pages instead. A quantized graph's scales are
-    held at HELD_BYTES_PER_BLOCK a block (see the module doc)."""
+    held at HELD_BYTES_PER_BLOCK a block of the provider that runs them: device "cpu", else CUDA's, except
+    experts that only the CPU provider runs (experts_on_cpu)."""
     fp16_factor = 1 if cast_per_run and device == "cpu" else 2
     by_dtype = entry.get("weight_bytes_by_dtype")
     if by_dtype is None:  # bundles from before the breakdown: the stored precision says it
@@ -72,12 +81,20 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu", cast_per_r
     out = 0
     for dtype, n in by_dtype.items():
         if dtype == scale_dtype:  # the graph's other floats of this dtype are norms, a few KB
-            out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[entry["quantization"]["scales"]]
+            provider = "cuda" if device != "cpu" and not experts_on_cpu(entry) else "cpu"
+            out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[provider][entry["quantization"]["scales"]]
         elif dtype == "float16":
             out += fp16_factor * n  # folded to float32, or mapped as it is
         else:
             out += n
     return out
+
+
+def experts_on_cpu(entry: dict[str, Any]) -> bool:
+    """Whether a quantized decoder's experts would run on onnxruntime's CPU provider even on a GPU
+    (CUDA_FLOAT32_LACKS): QMoE with fp32 scales computes in float32."""
+    q = entry.get("quantization") or {}
+    return q.get("experts_op") == CUDA_FLOAT32_LACKS and q.get("scales", "fp32") == "fp32"
 
 
 def _scales_dtype(entry: dict[str, Any]) -> str | None:

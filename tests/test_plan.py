@@ -154,6 +154,30 @@ def test_plan_sizes_come_from_the_bundle_files(tiny_checkpoints, tmp_path):
     p = make_plan(b.config, DEVICES["orin-nano-8gb"], PlanSettings(precision="int4"), manifest=b.manifest)
     assert p.runnable and p.backends == {"vision": "onnxruntime", "decoder": "onnxruntime"}
     assert p.sizes_from["decoder"].startswith("decoder.int4.onnx.data")
-    want = resident_weight_bytes(b.manifest["graphs"]["decoder.int4"]) / GiB
+    want = resident_weight_bytes(b.manifest["graphs"]["decoder.int4"], "cuda") / GiB
     assert p.memory_gib["decoder weights (int4)"] == pytest.approx(want, abs=1e-3)
     assert p.sizes_from["vision"].startswith("vision.onnx.data")  # not calibrated: the float vision graph
+
+
+@pytest.mark.parametrize("scales", ["fp32", "fp16"])
+def test_jetson_plan_holds_quantized_weights_as_the_cuda_provider_does(tiny_checkpoints, tmp_path, scales):
+    """CUDA kernels read the stored nibbles and scales (no MLAS repacking); fp32-scale QMoE has no CUDA kernel,
+    so its experts stay in the CPU layout and the plan says they would run on the CPU cores."""
+    from molmo_edge.calibration.weight_quant import quantize_decoder_weights
+    from molmo_edge.export.bundle import export_bundle
+    from molmo_edge.runtime.bundle import load_bundle
+    from molmo_edge.runtime.memory import resident_weight_bytes
+    out = str(tmp_path / "b")
+    export_bundle(tiny_checkpoints["molmoe-1b"], out, dtype="fp16", check=False, trt_check=False, progress=lambda *_: None)
+    quantize_decoder_weights(out, 4, scales=scales, progress=lambda *_: None, check=False)  # block 32: QMoE at tiny width
+    b = load_bundle(out)
+    entry = b.manifest["graphs"]["decoder.int4"]
+    cpu, cuda = resident_weight_bytes(entry, "cpu"), resident_weight_bytes(entry, "cuda")
+    p = make_plan(b.config, DEVICES["orin-nano-8gb"], PlanSettings(precision="int4"), manifest=b.manifest)
+    assert p.memory_gib["decoder weights (int4)"] == pytest.approx(cuda / GiB, abs=1e-3)
+    on_cpu_note = any("run on the CPU cores" in n for n in p.notes)
+    if scales == "fp32":
+        assert cuda == cpu and on_cpu_note and "--scales fp16" in format_plan(p)
+    else:
+        stored = sum(entry["weight_bytes_by_dtype"].values())
+        assert cuda == stored < cpu and not on_cpu_note

@@ -187,14 +187,16 @@ def kv_bytes(manifest: dict[str, Any] | None, precision: str) -> int:
 
 def part_bytes(cfg: MolmoConfig, s: PlanSettings, part: str, manifest: dict[str, Any] | None = None) -> tuple[int, str]:
     """(bytes, where the figure comes from) of one part's weights as they will be held. Parts onnxruntime runs:
-    the bundle's own graph file when it has it (float weights held as float32, runtime/memory.py). TensorRT
+    the bundle's own graph file when it has it, as onnxruntime's CUDA provider holds it (float weights as float32,
+    quantized ones as stored: runtime/memory.py). TensorRT
     parts (engines are built on the device) and graphs the bundle lacks: computed from the config."""
     vp, dp = PRECISION_PARTS[s.precision]
     key = bundle_graph(manifest, part, s.precision)
     if key is not None and PART_BACKENDS[s.precision][part] == "onnxruntime":
         from molmo_edge.runtime.memory import resident_weight_bytes
         entry = manifest["graphs"][key]
-        return resident_weight_bytes(entry), f"{entry.get('data') or entry['file']} as onnxruntime holds it"
+        return (resident_weight_bytes(entry, "cuda"),
+                f"{entry.get('data') or entry['file']} as onnxruntime's CUDA provider holds it")
     shapes = decoder_shapes(cfg) if part == "decoder" else vision_shapes_used(cfg)
     how = "TensorRT engine" if PART_BACKENDS[s.precision][part] == "tensorrt" else "not in this bundle yet"
     return weight_bytes(shapes, dp if part == "decoder" else vp), f"computed from the config ({how})"
@@ -324,6 +326,14 @@ def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, graph_bytes: d
         plan.notes.append("MoE: every expert's weights are resident; a decode step reads only top-k of them "
                           "(routed NonZero/Gather branches; TensorRT's handling of those data-dependent shapes is "
                           "unverified on a device)")
+    dec = bundle_graph(manifest, "decoder", s.precision)
+    if dec is not None and PART_BACKENDS[s.precision]["decoder"] == "onnxruntime":
+        from molmo_edge.runtime.memory import experts_on_cpu
+        if experts_on_cpu(manifest["graphs"][dec]):
+            plan.notes.append(f"{dec} has fp32 scales, so its QMoE experts compute in float32, which onnxruntime's CUDA "
+                              "provider has no kernel for: they would run on the CPU cores (held as on CPU, counted so). "
+                              "Quantize with --scales fp16 (the Orin-size --block-size 64 --scales fp16) to keep the "
+                              "whole decoder on the GPU")
     if not fits:
         plan.suggestions = suggest(cfg, d, s, manifest=manifest)
     return plan
