@@ -78,10 +78,10 @@ def resident_weight_bytes(entry: dict[str, Any], device: str = "cpu", cast_per_r
         stored = entry.get("precision", {}).get("weights", "fp32")
         return entry.get("data_bytes", 0) * (fp16_factor if stored == "fp16" else 1)
     scale_dtype = _scales_dtype(entry)
+    provider = "cuda" if device != "cpu" and not experts_on_cpu(entry) else "cpu"
     out = 0
     for dtype, n in by_dtype.items():
         if dtype == scale_dtype:  # the graph's other floats of this dtype are norms, a few KB
-            provider = "cuda" if device != "cpu" and not experts_on_cpu(entry) else "cpu"
             out += n // (2 if dtype == "float16" else 4) * HELD_BYTES_PER_BLOCK[provider][entry["quantization"]["scales"]]
         elif dtype == "float16":
             out += fp16_factor * n  # folded to float32, or mapped as it is

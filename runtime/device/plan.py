@@ -179,6 +179,12 @@ def bundle_graph(manifest: dict[str, Any] | None, part: str, precision: str) -> 
     return key if key in graphs else None
 
 
+def onnxruntime_graph(manifest: dict[str, Any] | None, part: str, precision: str) -> str | None:
+    """bundle_graph, when onnxruntime is the backend that runs that part at that precision."""
+    key = bundle_graph(manifest, part, precision)
+    return key if key is not None and PART_BACKENDS[precision][part] == "onnxruntime" else None
+
+
 def kv_bytes(manifest: dict[str, Any] | None, precision: str) -> int:
     """Bytes per cached K/V value: what the bundle's decoder for that precision declares, else KV_BYTES."""
     key = bundle_graph(manifest, "decoder", precision)
@@ -191,8 +197,8 @@ def part_bytes(cfg: MolmoConfig, s: PlanSettings, part: str, manifest: dict[str,
     quantized ones as stored: runtime/memory.py). TensorRT
     parts (engines are built on the device) and graphs the bundle lacks: computed from the config."""
     vp, dp = PRECISION_PARTS[s.precision]
-    key = bundle_graph(manifest, part, s.precision)
-    if key is not None and PART_BACKENDS[s.precision][part] == "onnxruntime":
+    key = onnxruntime_graph(manifest, part, s.precision)
+    if key is not None:
         from molmo_edge.runtime.memory import resident_weight_bytes
         entry = manifest["graphs"][key]
         return (resident_weight_bytes(entry, "cuda"),
@@ -326,8 +332,8 @@ def make_plan(cfg: MolmoConfig, dev: DeviceSpec, s: PlanSettings, graph_bytes: d
         plan.notes.append("MoE: every expert's weights are resident; a decode step reads only top-k of them "
                           "(routed NonZero/Gather branches; TensorRT's handling of those data-dependent shapes is "
                           "unverified on a device)")
-    dec = bundle_graph(manifest, "decoder", s.precision)
-    if dec is not None and PART_BACKENDS[s.precision]["decoder"] == "onnxruntime":
+    dec = onnxruntime_graph(manifest, "decoder", s.precision)
+    if dec is not None:
         from molmo_edge.runtime.memory import experts_on_cpu
         if experts_on_cpu(manifest["graphs"][dec]):
             plan.notes.append(f"{dec} has fp32 scales, so its QMoE experts compute in float32, which onnxruntime's CUDA "
